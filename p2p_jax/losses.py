@@ -5,9 +5,16 @@ float32 whatever the compute dtype.
 """
 
 import jax.numpy as jnp
-import optax
 
 GAN_MODES = ("vanilla", "lsgan", "hinge")
+
+
+def sigmoid_cross_entropy(logits, label: float):
+  """Mean cross-entropy of sigmoid(logits) against a constant label.
+
+  The stable form PyTorch's ``BCEWithLogitsLoss`` uses; exact log(2) at 0.
+  """
+  return jnp.mean(jnp.maximum(logits, 0) - logits * label + jnp.log1p(jnp.exp(-jnp.abs(logits))))
 
 
 def _check_mode(gan_mode: str) -> None:
@@ -24,8 +31,8 @@ def discriminator_loss(real_logits, fake_logits, gan_mode: str = "vanilla"):
   real_logits = real_logits.astype(jnp.float32)
   fake_logits = fake_logits.astype(jnp.float32)
   if gan_mode == "vanilla":
-    real = optax.sigmoid_binary_cross_entropy(real_logits, jnp.ones_like(real_logits)).mean()
-    fake = optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits)).mean()
+    real = sigmoid_cross_entropy(real_logits, 1.0)
+    fake = sigmoid_cross_entropy(fake_logits, 0.0)
   elif gan_mode == "lsgan":
     real = jnp.mean(jnp.square(real_logits - 1.0))
     fake = jnp.mean(jnp.square(fake_logits))
@@ -40,7 +47,7 @@ def generator_gan_loss(fake_logits, gan_mode: str = "vanilla"):
   _check_mode(gan_mode)
   fake_logits = fake_logits.astype(jnp.float32)
   if gan_mode == "vanilla":
-    return optax.sigmoid_binary_cross_entropy(fake_logits, jnp.ones_like(fake_logits)).mean()
+    return sigmoid_cross_entropy(fake_logits, 1.0)
   if gan_mode == "lsgan":
     return jnp.mean(jnp.square(fake_logits - 1.0))
   return -jnp.mean(fake_logits)

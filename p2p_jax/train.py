@@ -71,18 +71,23 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
                        image_shape: Tuple[int, int, int]) -> TrainState:
   """Initialises both networks for ``image_shape`` = (height, width, channels)."""
   models.check_image_size(config.model, image_shape[0])
+  tx = make_optimizer(config)
   generator, discriminator = _networks(config)
   g_key, d_key, train_key = jax.random.split(rng, 3)
   image = jnp.zeros((1, *image_shape), jnp.float32)
-  g_vars = generator.init({"params": g_key}, image, train=False)
-  d_vars = discriminator.init({"params": d_key}, image, image, train=False)
-  tx = make_optimizer(config)
+  g_vars = jax.jit(lambda: generator.init({"params": g_key}, image, train=False))()
+  d_vars = jax.jit(lambda: discriminator.init({"params": d_key}, image, image, train=False))()
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       g_params=g_vars["params"], g_batch_stats=g_vars.get("batch_stats", {}),
       d_params=d_vars["params"], d_batch_stats=d_vars.get("batch_stats", {}),
       g_opt_state=tx.init(g_vars["params"]), d_opt_state=tx.init(d_vars["params"]),
-      rng=train_key)
+      rng=_raw_key(train_key))
+
+
+def _raw_key(key: jax.Array) -> jax.Array:
+  # Plain uint32 key data checkpoints, compares and replicates like any array.
+  return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
 
 
 def _dropout_key(state: TrainState, axis_name: Optional[str]) -> jax.Array:

@@ -1,0 +1,134 @@
+"""Shapes, parameter counts, receptive fields, init and modes of the networks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from p2p_jax import layers, models
+
+
+def _init_shapes(module, *inputs):
+  return jax.eval_shape(lambda *x: module.init({"params": jax.random.key(0)}, *x, train=False), *inputs)
+
+
+def _output_shape(module, *inputs):
+  def forward(*x):
+    return module.apply(module.init({"params": jax.random.key(0)}, *x, train=False), *x, train=False)
+  return jax.eval_shape(forward, *inputs).shape
+
+
+@pytest.mark.parametrize("num_downs,size", [(8, 256), (7, 128)])
+def test_unet_keeps_the_image_shape(num_downs, size):
+  x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  assert _output_shape(models.UNetGenerator(num_downs=num_downs), x) == (2, size, size, 3)
+
+
+@pytest.mark.parametrize("size,logits", [(256, 30), (128, 14)])
+def test_patchgan_logit_map(size, logits):
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  assert _output_shape(models.PatchDiscriminator(), x, x) == (1, logits, logits, 1)
+  assert models.patch_output_size(3, size) == logits
+
+
+def test_resnet_generator_keeps_the_image_shape():
+  x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+  assert _output_shape(models.ResnetGenerator(), x) == (1, 256, 256, 3)
+
+
+def test_parameter_counts_match_the_pytorch_reference():
+  x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+  assert layers.count_params(_init_shapes(models.UNetGenerator(), x)["params"]) == 54_413_955
+  assert layers.count_params(_init_shapes(models.PatchDiscriminator(), x, x)["params"]) == 2_768_705
+
+
+@pytest.mark.parametrize("n_layers,field", [(0, 1), (1, 16), (2, 34), (3, 70), (5, 286)])
+def test_receptive_field_formula(n_layers, field):
+  assert models.receptive_field(n_layers) == field
+
+
+@pytest.mark.parametrize("n_layers", [0, 1, 3, 5])
+def test_receptive_field_is_what_one_logit_sees(n_layers):
+  """The input region with a non-zero gradient for one central logit has the computed size."""
+  field = models.receptive_field(n_layers)
+  size = 32 * (field // 32 + 2)
+  disc = models.PatchDiscriminator(n_layers=n_layers, ndf=2, norm="none")
+  a = jax.random.normal(jax.random.key(0), (1, size, size, 3))
+  b = jax.random.normal(jax.random.key(1), (1, size, size, 3))
+  variables = disc.init({"params": jax.random.key(2)}, a, b, train=False)
+
+  def central_logit(a):
+    logits = disc.apply(variables, a, b, train=False)
+    return logits[0, logits.shape[1] // 2, logits.shape[2] // 2, 0]
+
+  grad = np.abs(np.asarray(jax.grad(central_logit)(a)[0])).sum(-1)
+  rows, cols = np.nonzero(grad.sum(1))[0], np.nonzero(grad.sum(0))[0]
+  # The padding can cut the field at the border, so the logit is a central one.
+  assert rows.max() - rows.min() + 1 == field
+  assert cols.max() - cols.min() + 1 == field
+
+
+def test_reference_initialisation():
+  x = jnp.zeros((1, 64, 64, 3))
+  unet = models.UNetGenerator(num_downs=6, ngf=32)
+  params = jax.jit(lambda x: unet.init({"params": jax.random.key(0)}, x, train=False))(x)["params"]
+  assert abs(float(jnp.std(params["down_1"]["kernel"])) - 0.02) < 2e-3
+  scale = params["down_norm_1"]["bn"]["scale"]
+  assert abs(float(jnp.mean(scale)) - 1.0) < 0.01 and 0.01 < float(jnp.std(scale)) < 0.03
+  assert not np.any(params["up_0"]["bias"])
+  assert "bias" not in params["down_1"], "no conv bias in front of batch norm, as the reference"
+
+
+@pytest.fixture(scope="module")
+def small_unet():
+  # 6 levels: the smallest U-Net with a dropout block (the reference has num_downs - 5).
+  unet = models.UNetGenerator(num_downs=6, ngf=8)
+  x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3), minval=-1, maxval=1)
+  return unet, jax.jit(lambda x: unet.init({"params": jax.random.key(1)}, x, train=False))(x), x
+
+
+def test_dropout_is_drawn_from_the_dropout_rng_in_train_mode(small_unet):
+  unet, variables, x = small_unet
+  run = lambda key: unet.apply(variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])[0]
+  np.testing.assert_array_equal(run(jax.random.key(0)), run(jax.random.key(0)))
+  assert not np.allclose(run(jax.random.key(0)), run(jax.random.key(1)))
+  np.testing.assert_array_equal(unet.apply(variables, x, train=False), unet.apply(variables, x, train=False))
+
+
+def test_paper_test_mode_uses_batch_statistics_and_leaves_running_stats_alone(small_unet):
+  unet, variables, x = small_unet
+  paper = unet.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)})
+  assert paper.shape == x.shape
+  assert not np.allclose(paper, unet.apply(variables, x, train=False), atol=1e-3)
+  _, updated = unet.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)},
+                          mutable=["batch_stats"])
+  moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)), variables["batch_stats"],
+                                 updated["batch_stats"])
+  assert all(jax.tree_util.tree_leaves(moved)), "train mode with mutable batch_stats updates them"
+
+
+@pytest.mark.parametrize("norm", ["instance", "none"])
+def test_other_norms_run(norm):
+  x = jnp.ones((1, 32, 32, 3))
+  unet = models.UNetGenerator(num_downs=5, ngf=8, norm=norm)
+  variables = unet.init({"params": jax.random.key(0)}, x, train=False)
+  assert "batch_stats" not in variables
+  assert "bias" in variables["params"]["down_1"]
+  assert unet.apply(variables, x, train=False).shape == x.shape
+
+
+def test_unknown_norm_is_named():
+  with pytest.raises(ValueError, match="norm must be 'batch', 'instance' or 'none', got 'group'"):
+    models.UNetGenerator(num_downs=5, ngf=8, norm="group").init(
+        {"params": jax.random.key(0)}, jnp.ones((1, 32, 32, 3)), train=False)
+
+
+def test_image_size_checks_name_the_config(config):
+  with pytest.raises(ValueError, match=r"crop_size=48 cannot be halved 5 times.*num_downs=5"):
+    models.check_image_size(config.model, 48)
+  config.model.n_layers_d = 5
+  with pytest.raises(ValueError, match=r"crop_size=32 is too small.*n_layers_d=5"):
+    models.check_image_size(config.model, 32)
+  config.model.generator = "transformer"
+  with pytest.raises(ValueError, match="config.model.generator must be 'unet' or 'resnet'"):
+    models.make_generator(config.model)

@@ -1,0 +1,120 @@
+"""The pure train_step: learning, determinism, jit/pmap equivalence, the LR schedule."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from p2p_jax import train
+from tests.conftest import tiny_config
+
+
+def _batch(n=2, size=32, seed=0):
+  source = jax.random.uniform(jax.random.key(seed), (n, size, size, 3), minval=-1, maxval=1)
+  # A learnable mapping: the target is a fixed function of the source.
+  return {"A": source, "B": jnp.flip(source, -1) * 0.5}
+
+
+@functools.lru_cache
+def _tiny_step(jit=True):
+  step = functools.partial(train.train_step, config=tiny_config())
+  return jax.jit(step) if jit else step
+
+
+def _run(config, steps, batch, jit=True, seed=0):
+  state = train.create_train_state(jax.random.key(seed), config, batch["A"].shape[1:])
+  step = _tiny_step(jit)
+  history = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+def _assert_trees_close(a, b, **tolerance):
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, **tolerance), a, b)
+
+
+def test_steps_on_one_batch_lower_the_l1_loss():
+  state, history = _run(tiny_config(), 12, _batch())
+  assert set(history[0]) == set(train.METRIC_NAMES)
+  assert int(state.step) == 12
+  assert history[-1]["g_l1"] < 0.95 * history[0]["g_l1"]
+  assert all(np.isfinite(v) for m in history for v in m.values())
+
+
+def test_jit_and_eager_agree():
+  config = tiny_config()
+  jitted, jit_history = _run(config, 1, _batch())
+  eager, eager_history = _run(config, 1, _batch(), jit=False)
+  _assert_trees_close(jit_history, eager_history, rtol=1e-4, atol=1e-5)
+  _assert_trees_close(jitted.g_params, eager.g_params, atol=1e-5)
+  _assert_trees_close(jitted.d_batch_stats, eager.d_batch_stats, atol=1e-5)
+
+
+def test_same_seed_same_result_other_seed_other_result():
+  config = tiny_config()
+  first, _ = _run(config, 2, _batch())
+  again, _ = _run(config, 2, _batch())
+  other, _ = _run(config, 2, _batch(), seed=1)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, first, again)
+  assert not np.allclose(first.g_params["up_0"]["kernel"], other.g_params["up_0"]["kernel"])
+
+
+def test_pmap_keeps_replicas_identical_and_matches_the_global_batch():
+  """With synchronised batch norm and no dropout, 4 devices x 2 examples = one batch of 8."""
+  assert jax.local_device_count() >= 4, "tests/conftest.py asks XLA for 4 CPU devices"
+  config = tiny_config(sync_batch_stats=True, use_dropout=False)
+  batch = _batch(n=8)
+  state = train.create_train_state(jax.random.key(0), config, (32, 32, 3))
+  replicated = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (4, *x.shape)), state)
+  pstep = jax.pmap(functools.partial(train.train_step, config=config, axis_name="batch"),
+                   axis_name="batch")
+  sharded = jax.tree_util.tree_map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch)
+  single = state
+  step = jax.jit(functools.partial(train.train_step, config=config))
+  for _ in range(2):
+    replicated, pmetrics = pstep(replicated, sharded)
+    single, metrics = step(single, batch)
+  for leaf in jax.tree_util.tree_leaves(replicated):
+    for replica in range(1, 4):
+      np.testing.assert_array_equal(leaf[0], leaf[replica])
+  first_replica = jax.tree_util.tree_map(lambda x: x[0], replicated)
+  _assert_trees_close(first_replica.g_params, single.g_params, atol=1e-5)
+  _assert_trees_close(first_replica.d_params, single.d_params, atol=1e-5)
+  _assert_trees_close(first_replica.g_batch_stats, single.g_batch_stats, atol=1e-5)
+  _assert_trees_close(jax.tree_util.tree_map(lambda x: x[0], pmetrics), metrics, rtol=1e-4)
+
+
+def test_learning_rate_schedule_is_the_reference_linear_policy():
+  config = tiny_config()
+  config.optim.n_epochs, config.optim.n_epochs_decay, config.steps_per_epoch = 2, 3, 10
+  schedule = train.learning_rate_schedule(config)
+  # The reference's LambdaLR: 1 - max(0, epoch + 1 - n_epochs) / (n_epochs_decay + 1).
+  expected = {0: 1.0, 19: 1.0, 20: 0.75, 29: 0.75, 30: 0.5, 40: 0.25, 49: 0.25}
+  for step, factor in expected.items():
+    assert float(schedule(step)) == pytest.approx(2e-4 * factor), step
+
+
+def test_missing_steps_per_epoch_is_named():
+  config = tiny_config()
+  config.steps_per_epoch = -1
+  with pytest.raises(ValueError, match=r"config.steps_per_epoch must be a positive int, got -1"):
+    train.create_train_state(jax.random.key(0), config, (32, 32, 3))
+
+
+def test_generate_modes():
+  config = tiny_config(num_downs=6)
+  images = _batch(size=64)["A"]
+  state = train.create_train_state(jax.random.key(0), config, (64, 64, 3))
+  eval_out = train.generate(state, images, mode="eval", config=config)
+  np.testing.assert_array_equal(eval_out, train.generate(state, images, mode="eval", config=config))
+  paper = lambda key: train.generate(state, images, key, mode="paper", config=config)
+  assert paper(jax.random.key(0)).shape == images.shape
+  assert not np.allclose(paper(jax.random.key(0)), paper(jax.random.key(1)))
+  with pytest.raises(ValueError, match="needs an rng key"):
+    train.generate(state, images, mode="paper", config=config)
+  with pytest.raises(ValueError, match=r"mode must be one of \('eval', 'paper'\), got 'test'"):
+    train.generate(state, images, mode="test", config=config)
