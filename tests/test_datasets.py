@@ -1,0 +1,79 @@
+"""The TFDS builder, offline: an archive in the official layout in the manual dir."""
+
+import io
+import tarfile
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from p2p_jax import input_pipeline
+from p2p_jax.datasets import pix2pix, synthetic
+from tests.conftest import tiny_config
+
+
+def _add_image(tar, name, image):
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, "JPEG", quality=95)
+  info = tarfile.TarInfo(name)
+  info.size = buffer.tell()
+  buffer.seek(0)
+  tar.addfile(info, buffer)
+
+
+def _archive(data_dir, splits, shape=(24, 48)):
+  manual = data_dir / "downloads" / "manual"
+  manual.mkdir(parents=True)
+  with tarfile.open(manual / "facades.tar.gz", "w:gz") as tar:
+    for split, count in splits.items():
+      for i in range(count):
+        pair = np.zeros((*shape, 3), np.uint8)
+        pair[:, : shape[1] // 2] = 40 * i  # A
+        pair[:, shape[1] // 2:] = 250  # B
+        _add_image(tar, f"facades/{split}/{i + 1}.jpg", pair)
+
+
+def _config(data_dir):
+  config = tiny_config()
+  config.dataset = "pix2pix/facades"
+  config.data_dir = str(data_dir)
+  return config
+
+
+def test_builder_prepares_the_archive_splits_offline(tmp_path):
+  _archive(tmp_path, {"train": 3, "val": 1, "test": 2})
+  config = _config(tmp_path)
+  assert input_pipeline.num_examples(config, "train") == 3
+  assert input_pipeline.num_examples(config, "val") == 1
+  batch = next(input_pipeline.make_eval_dataset(config, batch_size=2).as_numpy_iterator())
+  assert [f.decode() for f in batch["filename"]] == ["1.jpg", "2.jpg"]
+  np.testing.assert_allclose(batch["B"], 250 / 127.5 - 1, atol=0.03)
+  np.testing.assert_allclose(batch["A"][1], 40 / 127.5 - 1, atol=0.03)
+  assert next(input_pipeline.make_train_dataset(config).as_numpy_iterator())["A"].shape == (2, 32, 32, 3)
+  with pytest.raises(ValueError, match=r"pix2pix/facades has no split 'validation'; it has \['test', 'train', 'val'\]"):
+    input_pipeline.num_examples(config, "validation")
+
+
+def test_builder_names_a_file_that_is_not_a_pair(tmp_path):
+  _archive(tmp_path, {"train": 1}, shape=(30, 30))
+  with pytest.raises(RuntimeError, match=r"facades/train/1.jpg is 30x30 \(width x height\): not an A\|B pair"):
+    input_pipeline.num_examples(_config(tmp_path), "train")
+
+
+def test_unknown_pix2pix_dataset_and_missing_archive_are_explained(tmp_path):
+  config = _config(tmp_path)
+  config.dataset = "pix2pix/horses"
+  with pytest.raises(ValueError, match=r"no such pix2pix dataset; known: \['pix2pix/facades'"):
+    input_pipeline.num_examples(config, "train")
+  assert set(pix2pix.DATASETS) == {"facades", "cityscapes", "maps", "edges2shoes", "edges2handbags", "night2day"}
+
+
+def test_synthetic_pairs_are_a_deterministic_function_of_the_seed(tmp_path):
+  first = synthetic.ensure_dataset(tmp_path / "a", seed=3)
+  again = synthetic.ensure_dataset(tmp_path / "b", seed=3)
+  assert synthetic.ensure_dataset(tmp_path / "a", seed=3) == first  # made once, then reused
+  names = sorted(p.name for p in (first / "train").iterdir())
+  assert len(names) == synthetic.SPLITS["train"]
+  assert (first / "train" / names[0]).read_bytes() == (again / "train" / names[0]).read_bytes()
+  other = synthetic.ensure_dataset(tmp_path / "a", seed=4)
+  assert (other / "train" / names[0]).read_bytes() != (first / "train" / names[0]).read_bytes()
