@@ -7,6 +7,7 @@ transposed-convolution kernels as ``(kh, kw, in, out)`` (PyTorch's
 unbiased running variance that PyTorch keeps.
 """
 
+import math
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -81,11 +82,70 @@ class Norm(nn.Module):
     raise ValueError(f"norm must be 'batch', 'instance' or 'none', got {self.kind!r}")
 
 
-def conv(features: int, kernel: int, stride: int, padding: int, use_bias: bool, name=None, dtype=None):
-  """A PyTorch-style Conv2d (symmetric zero padding) with the reference init."""
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-                 kernel_init=conv_init, dtype=dtype, name=name)
+def _pick(table, backend_default: str, side: int, features: int) -> str:
+  """The first ``(largest input side, fewest output features, impl)`` row that fits."""
+  for max_side, min_features, impl in table.get(jax.default_backend(), ()):
+    if side <= max_side and features >= min_features:
+      return impl
+  return backend_default
+
+
+def conv_matmul(x, kernel, stride: int, padding: int):
+  """A convolution as im2col (k*k strided slices) and one matmul.
+
+  On XLA:CPU its gradients beat the native convolution's for small images with
+  many channels, the U-Net's inner layers.
+  """
+  k, cin = kernel.shape[0], kernel.shape[2]
+  x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  out_h, out_w = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
+  columns = [x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+             for i in range(k) for j in range(k)]
+  return jnp.dot(jnp.concatenate(columns, axis=-1), kernel.reshape(k * k * cin, -1))
+
+
+CONV_IMPLS = ("auto", "xla", "matmul")
+# What "auto" picks on each backend, from the measurements in BENCHMARKS.md; a
+# backend not listed keeps XLA's own convolution.
+_AUTO_CONV = {"cpu": ((32, 64, "matmul"),)}
+
+
+def resolve_conv_impl(impl: str, side: int, features: int) -> str:
+  """The formulation that runs: ``impl``, or the measured best for "auto"."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f"config.model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+  if impl == "auto":
+    return _pick(_AUTO_CONV, "xla", side, features)
+  return impl
+
+
+class Conv(nn.Module):
+  """A PyTorch-style Conv2d (symmetric zero padding) with the reference init.
+
+  Parameters are named as ``nn.Conv``'s; ``impl`` chooses the formulation.
+  """
+  features: int
+  kernel_size: int
+  stride: int
+  padding: int
+  use_bias: bool
+  impl: str = "auto"
+  dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+    dtype = self.dtype or x.dtype
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if resolve_conv_impl(self.impl, x.shape[1], self.features) == "matmul":
+      y = conv_matmul(x, kernel, self.stride, self.padding)
+    else:
+      p = self.padding
+      y = lax.conv_general_dilated(x, kernel, (self.stride, self.stride), ((p, p), (p, p)),
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
+    return y
 
 
 def conv_transpose(x, kernel, stride: int, padding: int, output_padding: int = 0):
@@ -101,21 +161,99 @@ def conv_transpose(x, kernel, stride: int, padding: int, output_padding: int = 0
       lhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _overlap_add(tap):
+  """Sums the 4x4 kernel taps' contributions into a stride-2, padding-1 output.
+
+  ``tap(a, b)`` is every input pixel times kernel tap ``(a, b)``, shaped
+  ``(n, h, w, c)``. Writing ``a = 2q + p``, the tap of input row ``i`` lands on
+  output row ``2(i + q) + p - 1``: each output phase ``p`` sums two shifted taps.
+  """
+  phases = [[sum(jnp.pad(tap(2 * q_row + p_row, 2 * q_col + p_col),
+                         ((0, 0), (q_row, 1 - q_row), (q_col, 1 - q_col), (0, 0)))
+                 for q_row in (0, 1) for q_col in (0, 1))
+             for p_col in (0, 1)] for p_row in (0, 1)]
+  # Interleave the phases: (n, h+1, p_row, w+1, p_col, c), then crop the padding of 1.
+  y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
+  n, h, _, w, _, c = y.shape
+  return y.reshape(n, 2 * h, 2 * w, c)[:, 1:-1, 1:-1]
+
+
+def conv_transpose_matmul(x, kernel):
+  """The 4x4/stride-2/padding-1 transposed convolution as one matmul plus overlap-add.
+
+  One ``(pixels, in) @ (in, 16 * out)`` matmul gives every pixel's 4x4 patch.
+  Both gradients are matmuls too, which XLA:CPU runs many times faster than
+  the gradients of the dilated convolution (BENCHMARKS.md).
+  """
+  n, h, w, cin = x.shape
+  cout = kernel.shape[-1]
+  patches = jnp.dot(x.reshape(-1, cin), kernel.transpose(2, 0, 1, 3).reshape(cin, 16 * cout))
+  patches = patches.reshape(n, h, w, 4, 4, cout)
+  return _overlap_add(lambda a, b: patches[:, :, :, a, b])
+
+
+def conv_transpose_tap_matmul(x, kernel):
+  """``conv_transpose_matmul`` as 16 per-tap matmuls batched over the kernel's taps.
+
+  It never transposes the kernel, whose copies dominate the small inner layers
+  (few pixels, up to 8M weights), but it broadcasts the input 16 times.
+  """
+  n, h, w, cin = x.shape
+  cout = kernel.shape[-1]
+  x = jnp.broadcast_to(x.reshape(1, n * h * w, cin), (16, n * h * w, cin))
+  patches = lax.dot_general(x, kernel.reshape(16, cin, cout), (((2,), (1,)), ((0,), (0,))))
+  patches = patches.reshape(4, 4, n, h, w, cout)
+  return _overlap_add(lambda a, b: patches[a, b])
+
+
+UPCONV_IMPLS = ("auto", "conv_transpose", "matmul", "tap_matmul")
+_UPCONV_FUNCTIONS = {"matmul": conv_transpose_matmul, "tap_matmul": conv_transpose_tap_matmul}
+# What "auto" picks on each backend: the first (largest input side, impl) that
+# fits, from the measurements in BENCHMARKS.md. A backend not listed keeps XLA's
+# own transposed convolution.
+_AUTO_UPCONV = {"cpu": ((8, 1, "tap_matmul"), (math.inf, 1, "matmul"))}
+
+
+def resolve_upconv_impl(impl: str, kernel_size: int, stride: int, padding: int, output_padding: int,
+                        side: int, features: int) -> str:
+  """The formulation that runs: ``impl``, or the measured best for "auto".
+
+  Shapes other than the U-Net's 4x4/stride-2/padding-1 use the plain one.
+  """
+  if impl not in UPCONV_IMPLS:
+    raise ValueError(f"config.model.upconv_impl must be one of {UPCONV_IMPLS}, got {impl!r}")
+  if (kernel_size, stride, padding, output_padding) != (4, 2, 1, 0):
+    return "conv_transpose"
+  if impl == "auto":
+    return _pick(_AUTO_UPCONV, "conv_transpose", side, features)
+  return impl
+
+
 class ConvTranspose(nn.Module):
-  """A PyTorch-style ``ConvTranspose2d`` with the reference init."""
+  """A PyTorch-style ``ConvTranspose2d`` with the reference init.
+
+  ``impl`` chooses the formulation (the parameters are the same for all).
+  """
   features: int
   kernel_size: int = 4
   stride: int = 2
   padding: int = 1
   output_padding: int = 0
   use_bias: bool = False
+  impl: str = "auto"
   dtype: Optional[jnp.dtype] = None
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
     dtype = self.dtype or x.dtype
-    y = conv_transpose(x.astype(dtype), kernel.astype(dtype), self.stride, self.padding, self.output_padding)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    impl = resolve_upconv_impl(self.impl, self.kernel_size, self.stride, self.padding, self.output_padding,
+                               x.shape[1], self.features)
+    if impl == "conv_transpose":
+      y = conv_transpose(x, kernel, self.stride, self.padding, self.output_padding)
+    else:
+      y = _UPCONV_FUNCTIONS[impl](x, kernel)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
     return y

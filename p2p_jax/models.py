@@ -37,6 +37,8 @@ class UNetGenerator(nn.Module):
   out_channels: int = 3
   norm: str = "batch"
   use_dropout: bool = True
+  conv_impl: str = "auto"
+  upconv_impl: str = "auto"
   axis_name: Optional[str] = None
   dtype: Optional[Dtype] = None
 
@@ -60,13 +62,14 @@ class UNetGenerator(nn.Module):
       if i > 0:
         h = nn.leaky_relu(h, 0.2)
         skips.append(h)
-      h = layers.conv(inner, 4, 2, 1, use_bias=bias, name=f"down_{i}", dtype=self.dtype)(h)
+      h = layers.Conv(inner, 4, 2, 1, use_bias=bias, impl=self.conv_impl, name=f"down_{i}", dtype=self.dtype)(h)
       if 0 < i < innermost:
         h = layers.Norm(self.norm, self.axis_name, name=f"down_norm_{i}")(h, train)
     for i in reversed(range(self.num_downs)):
       outer, _ = widths[i]
       h = nn.relu(h)
-      h = layers.ConvTranspose(outer, use_bias=(i == 0) or bias, name=f"up_{i}", dtype=self.dtype)(h)
+      h = layers.ConvTranspose(outer, use_bias=(i == 0) or bias, impl=self.upconv_impl, name=f"up_{i}",
+                               dtype=self.dtype)(h)
       if i == 0:
         return jnp.tanh(h.astype(jnp.float32))
       h = layers.Norm(self.norm, self.axis_name, name=f"up_norm_{i}")(h, train)
@@ -82,6 +85,7 @@ class ResnetGenerator(nn.Module):
   out_channels: int = 3
   norm: str = "batch"
   use_dropout: bool = True
+  conv_impl: str = "auto"
   axis_name: Optional[str] = None
   dtype: Optional[Dtype] = None
 
@@ -90,27 +94,27 @@ class ResnetGenerator(nn.Module):
     bias = _use_bias(self.norm)
     norm = lambda name: layers.Norm(self.norm, self.axis_name, name=name)
     h = layers.reflect_pad(x.astype(self.dtype or x.dtype), 3)
-    h = layers.conv(self.ngf, 7, 1, 0, bias, name="stem", dtype=self.dtype)(h)
+    h = layers.Conv(self.ngf, 7, 1, 0, bias, impl=self.conv_impl, name="stem", dtype=self.dtype)(h)
     h = nn.relu(norm("stem_norm")(h, train))
     for i in range(2):
-      h = layers.conv(self.ngf * 2 ** (i + 1), 3, 2, 1, bias, name=f"down_{i}", dtype=self.dtype)(h)
+      h = layers.Conv(self.ngf * 2 ** (i + 1), 3, 2, 1, bias, impl=self.conv_impl, name=f"down_{i}", dtype=self.dtype)(h)
       h = nn.relu(norm(f"down_norm_{i}")(h, train))
     width = h.shape[-1]
     for b in range(self.n_blocks):
       y = layers.reflect_pad(h, 1)
-      y = layers.conv(width, 3, 1, 0, bias, name=f"block_{b}_conv_0", dtype=self.dtype)(y)
+      y = layers.Conv(width, 3, 1, 0, bias, impl=self.conv_impl, name=f"block_{b}_conv_0", dtype=self.dtype)(y)
       y = nn.relu(norm(f"block_{b}_norm_0")(y, train))
       if self.use_dropout:
         y = nn.Dropout(0.5, deterministic=not train)(y)
       y = layers.reflect_pad(y, 1)
-      y = layers.conv(width, 3, 1, 0, bias, name=f"block_{b}_conv_1", dtype=self.dtype)(y)
+      y = layers.Conv(width, 3, 1, 0, bias, impl=self.conv_impl, name=f"block_{b}_conv_1", dtype=self.dtype)(y)
       h = h + norm(f"block_{b}_norm_1")(y, train)
     for i in range(2):
       h = layers.ConvTranspose(self.ngf * 2 ** (1 - i), kernel_size=3, stride=2, padding=1,
                                output_padding=1, use_bias=bias, name=f"up_{i}", dtype=self.dtype)(h)
       h = nn.relu(norm(f"up_norm_{i}")(h, train))
     h = layers.reflect_pad(h, 3)
-    h = layers.conv(self.out_channels, 7, 1, 0, True, name="head", dtype=self.dtype)(h)
+    h = layers.Conv(self.out_channels, 7, 1, 0, True, impl=self.conv_impl, name="head", dtype=self.dtype)(h)
     return jnp.tanh(h.astype(jnp.float32))
 
 
@@ -148,6 +152,7 @@ class PatchDiscriminator(nn.Module):
   n_layers: int = 3
   ndf: int = 64
   norm: str = "batch"
+  conv_impl: str = "auto"
   axis_name: Optional[str] = None
   dtype: Optional[Dtype] = None
 
@@ -161,7 +166,7 @@ class PatchDiscriminator(nn.Module):
       # PatchGAN always, the PixelGAN's first always; elsewhere only without
       # batch norm.
       bias = _use_bias(self.norm) or i == 0 or (last and self.n_layers > 0)
-      h = layers.conv(features, kernel, stride, padding, bias, name=f"conv_{i}", dtype=self.dtype)(h)
+      h = layers.Conv(features, kernel, stride, padding, bias, impl=self.conv_impl, name=f"conv_{i}", dtype=self.dtype)(h)
       if last:
         return h.astype(jnp.float32)
       if normed:
@@ -172,9 +177,9 @@ class PatchDiscriminator(nn.Module):
 def make_generator(model: ml_collections.ConfigDict, axis_name: Optional[str] = None) -> nn.Module:
   """The generator named by ``model.generator`` (``unet`` or ``resnet``)."""
   common = dict(ngf=model.ngf, norm=model.norm, use_dropout=model.use_dropout,
-                axis_name=axis_name, dtype=jnp.dtype(model.dtype))
+                conv_impl=model.conv_impl, axis_name=axis_name, dtype=jnp.dtype(model.dtype))
   if model.generator == "unet":
-    return UNetGenerator(num_downs=model.num_downs, **common)
+    return UNetGenerator(num_downs=model.num_downs, upconv_impl=model.upconv_impl, **common)
   if model.generator == "resnet":
     return ResnetGenerator(n_blocks=model.n_blocks, **common)
   raise ValueError(f"config.model.generator must be 'unet' or 'resnet', got {model.generator!r}")
@@ -182,7 +187,7 @@ def make_generator(model: ml_collections.ConfigDict, axis_name: Optional[str] = 
 
 def make_discriminator(model: ml_collections.ConfigDict, axis_name: Optional[str] = None) -> nn.Module:
   return PatchDiscriminator(n_layers=model.n_layers_d, ndf=model.ndf, norm=model.norm,
-                            axis_name=axis_name, dtype=jnp.dtype(model.dtype))
+                            conv_impl=model.conv_impl, axis_name=axis_name, dtype=jnp.dtype(model.dtype))
 
 
 def check_image_size(model: ml_collections.ConfigDict, size: int) -> None:

@@ -179,3 +179,14 @@ def generate(state: TrainState, images, rng: Optional[jax.Array] = None, mode: s
       raise ValueError("generate(mode='paper') draws dropout masks and needs an rng key")
     return generator.apply(variables, images, train=True, rngs={"dropout": rng})
   raise ValueError(f"mode must be one of {GENERATE_MODES}, got {mode!r}")
+
+
+def train_steps(state: TrainState, batches, *, config: ml_collections.ConfigDict,
+                axis_name: Optional[str] = None):
+  """``train_step`` over the leading axis of ``batches`` in one call (``lax.scan``).
+
+  Several steps per dispatch hide the host's launch overhead on accelerators.
+  Returns the final state and the metrics of every step, stacked.
+  """
+  step = lambda state, batch: train_step(state, batch, config=config, axis_name=axis_name)
+  return lax.scan(step, state, batches)

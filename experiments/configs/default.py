@@ -31,6 +31,11 @@ def get_config():
   config.model.use_dropout = True
   config.model.sync_batch_stats = False
   config.model.dtype = "float32"  # compute dtype; parameters and losses stay float32
+  # Formulations (same parameters; "auto" picks per backend as measured in
+  # BENCHMARKS.md): convs auto | xla | matmul, transposed convs auto | conv_transpose | matmul |
+  # tap_matmul.
+  config.model.conv_impl = "auto"
+  config.model.upconv_impl = "auto"
 
   config.loss = ml_collections.ConfigDict()
   config.loss.gan_mode = "vanilla"  # vanilla | lsgan | hinge

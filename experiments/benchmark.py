@@ -1,0 +1,193 @@
+r"""Times the compiled train_step (or, with --data, the input pipeline).
+
+    python -m experiments.benchmark --size 256 --batch 1 --steps 10
+    python -m experiments.benchmark --size 256 --profile  # also op time per layer
+    python -m experiments.benchmark --data --dataset ../shared/data/people2outline
+
+Random data, timed after compilation; the last line printed is one JSON object
+(images_per_sec, ms_per_step, compile_s, peak_rss_mib, ...). Compare it with
+``python ../shared/bench/torch_peer.py`` run in the same session (BENCHMARKS.md).
+"""
+
+import collections
+import ctypes
+import functools
+import glob
+import gzip
+import json
+import math
+import os
+import re
+import resource
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from experiments.configs import default
+from p2p_jax import layers, train
+
+flags.DEFINE_integer("size", 256, "Image side; the U-Net gets log2(size) levels (unet_256 for 256).")
+flags.DEFINE_integer("batch", 1, "Examples per device per step.")
+flags.DEFINE_integer("steps", 10, "Timed calls.")
+flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params and losses stay float32).")
+flags.DEFINE_integer("devices", 1, "Devices to run data-parallel over (a mesh with one data axis).")
+flags.DEFINE_integer("steps_per_call", 1, "Train steps per compiled call (lax.scan).")
+flags.DEFINE_enum("conv_impl", "auto", list(layers.CONV_IMPLS), "config.model.conv_impl.")
+flags.DEFINE_enum("upconv_impl", "auto", list(layers.UPCONV_IMPLS), "config.model.upconv_impl.")
+flags.DEFINE_bool("profile", False, "Also trace a few calls and print the op time per layer.")
+flags.DEFINE_bool("data", False, "Time the input pipeline instead of the train step.")
+flags.DEFINE_string("dataset", "synthetic", "With --data: config.dataset (a folder in the pix2pix layout).")
+FLAGS = flags.FLAGS
+
+
+def _peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _release_free_heap() -> None:
+  """Returns freed heap pages to the OS (glibc only; elsewhere a no-op)."""
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def _report(result: dict) -> None:
+  result["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+  result["device"] = jax.devices()[0].device_kind
+  result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+  print(json.dumps(result))
+
+
+def benchmark_data() -> None:
+  config = default.get_config()
+  config.dataset = FLAGS.dataset
+  config.batch_size = FLAGS.batch
+  config.crop_size, config.load_size = FLAGS.size, int(FLAGS.size * 286 / 256)
+  config.model.num_downs = int(math.log2(FLAGS.size))
+  # Imported here: TensorFlow adds about 0.5 GB to the peak RSS that the train
+  # benchmark reports.
+  from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  iterator = input_pipeline.make_train_dataset(config, process_index=0, process_count=1).as_numpy_iterator()
+  for _ in range(FLAGS.warmup):
+    next(iterator)
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    next(iterator)
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  _report(dict(mode="data", dataset=FLAGS.dataset, size=FLAGS.size, batch=FLAGS.batch,
+               pairs_per_sec=round(FLAGS.batch / median, 1), ms_per_batch=round(1000 * median, 2),
+               min_ms=round(1000 * min(times), 2), max_ms=round(1000 * max(times), 2)))
+
+
+_MODULES = ("UNetGenerator", "ResnetGenerator", "PatchDiscriminator")
+
+
+def _layer_of(op_name: str) -> str:
+  """``Module/layer direction`` from an HLO op's name scope, e.g. ``.../transpose(jvp(UNetGenerator))/up_1/...``."""
+  scopes = op_name.split("/")
+  for scope, layer in zip(scopes, scopes[1:]):
+    module = next((m for m in _MODULES if m in scope), None)
+    if module:
+      return f"{module}/{layer} {'backward' if 'transpose(' in scope else 'forward'}"
+  return "outside the models (optimizer, losses, layout copies)"
+
+
+def profile_by_layer(compiled, call, calls: int = 3) -> collections.Counter:
+  """Milliseconds of op time per step for each layer and direction, from an XLA trace."""
+  op_names = dict(re.findall(r'%(\S+) = [^\n]*?metadata=\{op_name="([^"]+)"', compiled.as_text()))
+  with tempfile.TemporaryDirectory() as folder:
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+      for _ in range(calls):
+        jax.block_until_ready(call())
+    (trace,) = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
+    with gzip.open(trace) as f:
+      events = json.load(f)["traceEvents"]
+  per_step = collections.Counter()
+  for event in events:
+    op = event.get("args", {}).get("hlo_op")
+    if event.get("ph") == "X" and op:
+      per_step[_layer_of(op_names.get(op, ""))] += event["dur"] / 1000 / calls / FLAGS.steps_per_call
+  return per_step
+
+
+def benchmark_train() -> None:
+  config = default.get_config()
+  config.crop_size = FLAGS.size
+  config.model.num_downs = int(math.log2(FLAGS.size))
+  config.model.dtype = FLAGS.dtype
+  config.model.conv_impl = FLAGS.conv_impl
+  config.model.upconv_impl = FLAGS.upconv_impl
+  config.steps_per_epoch = 1000
+  global_batch = FLAGS.batch * FLAGS.devices
+  mesh = Mesh(np.array(jax.devices()[:FLAGS.devices]), ("data",))
+  replicated = NamedSharding(mesh, P())
+  # Compile everything from shapes first, then allocate: XLA's compiler leaves
+  # about 0.5 GB of freed heap that glibc keeps unless trimmed.
+  init = jax.jit(functools.partial(train.create_train_state, config=config, image_shape=(FLAGS.size, FLAGS.size, 3)),
+                 out_shardings=replicated)
+  abstract_state = jax.eval_shape(init, jax.random.key(0))
+  init = init.lower(jax.random.key(0)).compile()
+  # One step per call runs train_step itself: XLA:CPU runs a step inside
+  # lax.scan's loop several times slower (BENCHMARKS.md).
+  if FLAGS.steps_per_call == 1:
+    shape, sharded, step_fn = (global_batch,), NamedSharding(mesh, P("data")), train.train_step
+  else:
+    shape, sharded, step_fn = (FLAGS.steps_per_call, global_batch), NamedSharding(mesh, P(None, "data")), train.train_steps
+  batch_shape = jax.ShapeDtypeStruct((*shape, FLAGS.size, FLAGS.size, 3), jnp.float32, sharding=sharded)
+  step = jax.jit(functools.partial(step_fn, config=config), donate_argnums=0,
+                 in_shardings=(replicated, sharded), out_shardings=(replicated, replicated))
+  start = time.perf_counter()
+  compiled = step.lower(abstract_state, {"A": batch_shape, "B": batch_shape}).compile()
+  compile_s = time.perf_counter() - start
+  _release_free_heap()
+
+  state = init(jax.random.key(0))
+  keys = jax.random.split(jax.random.key(1))
+  batches = {name: jax.device_put(jax.random.uniform(key, batch_shape.shape, jnp.float32, -1, 1), sharded)
+             for name, key in zip("AB", keys)}
+
+  def call():
+    nonlocal state
+    state, metrics = compiled(state, batches)
+    return metrics
+
+  for _ in range(FLAGS.warmup):
+    jax.block_until_ready(call())
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    metrics = jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  if FLAGS.profile:
+    profile = profile_by_layer(compiled, call)
+    for layer, ms in profile.most_common():
+      print(f"profile {ms:8.1f} ms  {layer}")
+    print(f"profile {sum(profile.values()):8.1f} ms  total op time per step")
+  per_step = statistics.median(times) / FLAGS.steps_per_call
+  _report(dict(mode="train", size=FLAGS.size, batch=FLAGS.batch, devices=FLAGS.devices,
+               steps_per_call=FLAGS.steps_per_call, dtype=FLAGS.dtype,
+               conv_impl=FLAGS.conv_impl, upconv_impl=FLAGS.upconv_impl,
+               images_per_sec=round(global_batch / per_step, 3), ms_per_step=round(1000 * per_step, 1),
+               min_ms=round(1000 * min(times) / FLAGS.steps_per_call, 1),
+               max_ms=round(1000 * max(times) / FLAGS.steps_per_call, 1), compile_s=round(compile_s, 1),
+               g_loss=float(np.ravel(metrics["g_loss"])[-1])))
+
+
+def main(argv):
+  del argv
+  benchmark_data() if FLAGS.data else benchmark_train()
+
+
+if __name__ == "__main__":
+  app.run(main)
