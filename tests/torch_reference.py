@@ -1,0 +1,283 @@
+"""The PyTorch reference's pix2pix networks and training step, for parity tests.
+
+Layer for layer as junyanz/pytorch-CycleGAN-and-pix2pix has them
+(``models/networks.py`` and ``models/pix2pix_model.py``), in-place activations
+included: the in-place LeakyReLU at the top of each U-Net block rewrites the
+block's input, so the skip connection carries the LeakyReLU'd activations.
+``flax_variables`` turns a torch network's weights and running statistics into
+the variables of the matching p2p_jax module.
+"""
+
+import functools
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def get_norm_layer(norm_type: str):
+  """The reference's norm factories: affine batch norm, plain instance norm."""
+  if norm_type == "batch":
+    return functools.partial(nn.BatchNorm2d, affine=True, track_running_stats=True)
+  if norm_type == "instance":
+    return functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=False)
+  raise ValueError(f"the torch reference helper has norm 'batch' or 'instance', got {norm_type!r}")
+
+
+def _use_bias(norm_layer) -> bool:
+  # The reference keeps conv biases only in front of instance norm.
+  return norm_layer.func == nn.InstanceNorm2d
+
+
+def init_weights(net: nn.Module, gain: float = 0.02) -> None:
+  """The reference's 'normal' init: conv weights N(0, gain), BN scales N(1, gain), biases 0."""
+  def init_module(m):
+    name = m.__class__.__name__
+    if hasattr(m, "weight") and "Conv" in name:
+      nn.init.normal_(m.weight.data, 0.0, gain)
+      if m.bias is not None:
+        nn.init.constant_(m.bias.data, 0.0)
+    elif "BatchNorm2d" in name:
+      nn.init.normal_(m.weight.data, 1.0, gain)
+      nn.init.constant_(m.bias.data, 0.0)
+  net.apply(init_module)
+
+
+class UnetSkipConnectionBlock(nn.Module):
+  """One U-Net level: down, the inner levels, up, then the skip concatenation."""
+
+  def __init__(self, outer_nc, inner_nc, input_nc=None, submodule=None, outermost=False,
+               innermost=False, norm_layer=nn.BatchNorm2d, use_dropout=False):
+    super().__init__()
+    self.outermost = outermost
+    use_bias = _use_bias(norm_layer)
+    input_nc = outer_nc if input_nc is None else input_nc
+    downconv = nn.Conv2d(input_nc, inner_nc, kernel_size=4, stride=2, padding=1, bias=use_bias)
+    downrelu = nn.LeakyReLU(0.2, True)
+    uprelu = nn.ReLU(True)
+    if outermost:
+      upconv = nn.ConvTranspose2d(inner_nc * 2, outer_nc, kernel_size=4, stride=2, padding=1)
+      model = [downconv, submodule, uprelu, upconv, nn.Tanh()]
+    elif innermost:
+      upconv = nn.ConvTranspose2d(inner_nc, outer_nc, kernel_size=4, stride=2, padding=1, bias=use_bias)
+      model = [downrelu, downconv, uprelu, upconv, norm_layer(outer_nc)]
+    else:
+      upconv = nn.ConvTranspose2d(inner_nc * 2, outer_nc, kernel_size=4, stride=2, padding=1, bias=use_bias)
+      model = [downrelu, downconv, norm_layer(inner_nc), submodule, uprelu, upconv, norm_layer(outer_nc)]
+      if use_dropout:
+        model.append(nn.Dropout(0.5))
+    self.model = nn.Sequential(*model)
+
+  def forward(self, x):
+    if self.outermost:
+      return self.model(x)
+    # ``self.model`` starts with the in-place LeakyReLU, which rewrites ``x``.
+    return torch.cat([x, self.model(x)], 1)
+
+
+class UnetGenerator(nn.Module):
+  """``unet_256`` for ``num_downs=8``, built from the innermost block outwards."""
+
+  def __init__(self, input_nc, output_nc, num_downs, ngf=64, norm_layer=nn.BatchNorm2d, use_dropout=False):
+    super().__init__()
+    block = UnetSkipConnectionBlock(ngf * 8, ngf * 8, norm_layer=norm_layer, innermost=True)
+    for _ in range(num_downs - 5):
+      block = UnetSkipConnectionBlock(ngf * 8, ngf * 8, submodule=block, norm_layer=norm_layer,
+                                      use_dropout=use_dropout)
+    block = UnetSkipConnectionBlock(ngf * 4, ngf * 8, submodule=block, norm_layer=norm_layer)
+    block = UnetSkipConnectionBlock(ngf * 2, ngf * 4, submodule=block, norm_layer=norm_layer)
+    block = UnetSkipConnectionBlock(ngf, ngf * 2, submodule=block, norm_layer=norm_layer)
+    self.model = UnetSkipConnectionBlock(output_nc, ngf, input_nc=input_nc, submodule=block, outermost=True,
+                                         norm_layer=norm_layer)
+
+  def forward(self, x):
+    return self.model(x)
+
+
+class ResnetBlock(nn.Module):
+  """Reflection-padded conv-norm-ReLU-conv-norm with an identity shortcut."""
+
+  def __init__(self, dim, norm_layer, use_dropout, use_bias):
+    super().__init__()
+    block = [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, kernel_size=3, padding=0, bias=use_bias),
+             norm_layer(dim), nn.ReLU(True)]
+    if use_dropout:
+      block.append(nn.Dropout(0.5))
+    block += [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, kernel_size=3, padding=0, bias=use_bias),
+              norm_layer(dim)]
+    self.conv_block = nn.Sequential(*block)
+
+  def forward(self, x):
+    return x + self.conv_block(x)
+
+
+class ResnetGenerator(nn.Module):
+  """``resnet_9blocks`` / ``resnet_6blocks``: two downsamplings, residual blocks, two upsamplings."""
+
+  def __init__(self, input_nc, output_nc, ngf=64, norm_layer=nn.BatchNorm2d, use_dropout=False, n_blocks=6):
+    super().__init__()
+    use_bias = _use_bias(norm_layer)
+    model = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, kernel_size=7, padding=0, bias=use_bias),
+             norm_layer(ngf), nn.ReLU(True)]
+    for i in range(2):
+      mult = 2 ** i
+      model += [nn.Conv2d(ngf * mult, ngf * mult * 2, kernel_size=3, stride=2, padding=1, bias=use_bias),
+                norm_layer(ngf * mult * 2), nn.ReLU(True)]
+    model += [ResnetBlock(ngf * 4, norm_layer, use_dropout, use_bias) for _ in range(n_blocks)]
+    for i in range(2):
+      mult = 2 ** (2 - i)
+      model += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, kernel_size=3, stride=2, padding=1,
+                                   output_padding=1, bias=use_bias),
+                norm_layer(ngf * mult // 2), nn.ReLU(True)]
+    model += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, kernel_size=7, padding=0), nn.Tanh()]
+    self.model = nn.Sequential(*model)
+
+  def forward(self, x):
+    return self.model(x)
+
+
+class NLayerDiscriminator(nn.Module):
+  """The PatchGAN; ``n_layers=3`` is the 70x70 one."""
+
+  def __init__(self, input_nc, ndf=64, n_layers=3, norm_layer=nn.BatchNorm2d):
+    super().__init__()
+    use_bias = _use_bias(norm_layer)
+    sequence = [nn.Conv2d(input_nc, ndf, kernel_size=4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+    mult = 1
+    for n in range(1, n_layers):
+      prev, mult = mult, min(2 ** n, 8)
+      sequence += [nn.Conv2d(ndf * prev, ndf * mult, kernel_size=4, stride=2, padding=1, bias=use_bias),
+                   norm_layer(ndf * mult), nn.LeakyReLU(0.2, True)]
+    prev, mult = mult, min(2 ** n_layers, 8)
+    sequence += [nn.Conv2d(ndf * prev, ndf * mult, kernel_size=4, stride=1, padding=1, bias=use_bias),
+                 norm_layer(ndf * mult), nn.LeakyReLU(0.2, True)]
+    sequence += [nn.Conv2d(ndf * mult, 1, kernel_size=4, stride=1, padding=1)]
+    self.model = nn.Sequential(*sequence)
+
+  def forward(self, x):
+    return self.model(x)
+
+
+class PixelDiscriminator(nn.Module):
+  """The 1x1 PixelGAN."""
+
+  def __init__(self, input_nc, ndf=64, norm_layer=nn.BatchNorm2d):
+    super().__init__()
+    use_bias = _use_bias(norm_layer)
+    self.net = nn.Sequential(
+        nn.Conv2d(input_nc, ndf, kernel_size=1, stride=1, padding=0), nn.LeakyReLU(0.2, True),
+        nn.Conv2d(ndf, ndf * 2, kernel_size=1, stride=1, padding=0, bias=use_bias), norm_layer(ndf * 2),
+        nn.LeakyReLU(0.2, True),
+        nn.Conv2d(ndf * 2, 1, kernel_size=1, stride=1, padding=0, bias=use_bias))
+
+  def forward(self, x):
+    return self.net(x)
+
+
+class GANLoss(nn.Module):
+  """The reference's GAN objective on logits: ``vanilla`` (BCE with logits) or ``lsgan`` (MSE)."""
+
+  def __init__(self, gan_mode, target_real_label=1.0, target_fake_label=0.0):
+    super().__init__()
+    self.register_buffer("real_label", torch.tensor(target_real_label))
+    self.register_buffer("fake_label", torch.tensor(target_fake_label))
+    losses = {"lsgan": nn.MSELoss, "vanilla": nn.BCEWithLogitsLoss}
+    if gan_mode not in losses:
+      raise ValueError(f"the torch reference helper has gan_mode 'vanilla' or 'lsgan', got {gan_mode!r}")
+    self.loss = losses[gan_mode]()
+
+  def forward(self, prediction, target_is_real):
+    target = self.real_label if target_is_real else self.fake_label
+    return self.loss(prediction, target.expand_as(prediction))
+
+
+def set_requires_grad(net: nn.Module, requires_grad: bool) -> None:
+  for param in net.parameters():
+    param.requires_grad = requires_grad
+
+
+def optimize_parameters(net_g, net_d, optimizer_g, optimizer_d, criterion_gan, real_a, real_b,
+                        lambda_l1: float = 100.0) -> Dict[str, float]:
+  """One iteration of ``Pix2PixModel.optimize_parameters`` (``pool_size=0``).
+
+  G's forward once; D's update on the detached fake pair, then the real pair,
+  loss halved; G's update on GAN + ``lambda_l1`` * L1 through the updated D.
+  Returns the reference's losses, ``g_l1`` already weighted as it logs it.
+  """
+  fake_b = net_g(real_a)
+
+  set_requires_grad(net_d, True)
+  optimizer_d.zero_grad()
+  pred_fake = net_d(torch.cat((real_a, fake_b), 1).detach())
+  loss_d_fake = criterion_gan(pred_fake, False)
+  pred_real = net_d(torch.cat((real_a, real_b), 1))
+  loss_d_real = criterion_gan(pred_real, True)
+  loss_d = (loss_d_fake + loss_d_real) * 0.5
+  loss_d.backward()
+  optimizer_d.step()
+
+  set_requires_grad(net_d, False)
+  optimizer_g.zero_grad()
+  pred_fake = net_d(torch.cat((real_a, fake_b), 1))
+  loss_g_gan = criterion_gan(pred_fake, True)
+  loss_g_l1 = nn.functional.l1_loss(fake_b, real_b) * lambda_l1
+  loss_g = loss_g_gan + loss_g_l1
+  loss_g.backward()
+  optimizer_g.step()
+  return dict(d_real=loss_d_real.item(), d_fake=loss_d_fake.item(), d_loss=loss_d.item(),
+              g_gan=loss_g_gan.item(), g_l1=loss_g_l1.item(), g_loss=loss_g.item())
+
+
+# Names of p2p_jax's layers in the order the torch reference runs them (which is
+# the order of ``nn.Module.modules()`` for these networks): every conv and norm.
+
+def unet_layer_names(num_downs: int) -> List[str]:
+  inner = range(1, num_downs - 1)
+  down = ["down_0"] + [f"{kind}_{i}" for i in inner for kind in ("down", "down_norm")]
+  up = [f"{kind}_{i}" for i in reversed(range(1, num_downs)) for kind in ("up", "up_norm")]
+  return down + [f"down_{num_downs - 1}"] + up + ["up_0"]
+
+
+def resnet_layer_names(n_blocks: int) -> List[str]:
+  names = ["stem", "stem_norm", "down_0", "down_norm_0", "down_1", "down_norm_1"]
+  names += [f"block_{b}_{kind}_{i}" for b in range(n_blocks) for i in range(2) for kind in ("conv", "norm")]
+  return names + ["up_0", "up_norm_0", "up_1", "up_norm_1", "head"]
+
+
+def patch_layer_names(n_layers: int) -> List[str]:
+  depth = max(n_layers, 1)  # The PixelGAN has one normed conv in the middle, like n_layers=1.
+  normed = [f"{kind}_{i}" for i in range(1, depth + 1) for kind in ("conv", "norm")]
+  return ["conv_0"] + normed + [f"conv_{depth + 1}"]
+
+
+_LAYER_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.InstanceNorm2d)
+
+
+def _numpy(tensor: torch.Tensor, *axes: int) -> np.ndarray:
+  return tensor.detach().cpu().numpy().transpose(axes or None).copy()
+
+
+def flax_variables(net: nn.Module, names: Sequence[str]) -> Dict[str, dict]:
+  """``net``'s weights and running statistics as p2p_jax variables.
+
+  The torch layers pair with ``names`` in order. Conv2d weights
+  ``(out, in, kh, kw)`` become HWIO kernels, ConvTranspose2d weights
+  ``(in, out, kh, kw)`` become ``(kh, kw, in, out)``, and a BatchNorm2d becomes
+  the ``bn`` child of the named ``Norm``. Instance norm holds no variables.
+  """
+  torch_layers = [m for m in net.modules() if isinstance(m, _LAYER_TYPES)]
+  if len(torch_layers) != len(names):
+    raise ValueError(f"{type(net).__name__} has {len(torch_layers)} conv and norm layers, "
+                     f"but {len(names)} names were given: {list(names)}")
+  params, batch_stats = {}, {}
+  for name, layer in zip(names, torch_layers):
+    if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+      in_out = (1, 0) if isinstance(layer, nn.Conv2d) else (0, 1)
+      params[name] = {"kernel": _numpy(layer.weight, 2, 3, *in_out)}
+      if layer.bias is not None:
+        params[name]["bias"] = _numpy(layer.bias)
+    elif isinstance(layer, nn.BatchNorm2d):
+      params[name] = {"bn": {"scale": _numpy(layer.weight), "bias": _numpy(layer.bias)}}
+      batch_stats[name] = {"bn": {"mean": _numpy(layer.running_mean), "var": _numpy(layer.running_var)}}
+  return {"params": params, "batch_stats": batch_stats}
