@@ -3,7 +3,9 @@
 Layer for layer as junyanz/pytorch-CycleGAN-and-pix2pix has them
 (``models/networks.py`` and ``models/pix2pix_model.py``), in-place activations
 included: the in-place LeakyReLU at the top of each U-Net block rewrites the
-block's input, so the skip connection carries the LeakyReLU'd activations.
+block's input, so the skip connection carries the LeakyReLU'd activations
+(which the up path's ReLU, their only consumer, makes immaterial:
+ReLU(LeakyReLU(x)) = ReLU(x)).
 ``flax_variables`` turns a torch network's weights and running statistics into
 the variables of the matching p2p_jax module.
 """
