@@ -1,0 +1,77 @@
+"""Visual progress: sample sheets as PNG, an index.html over time, TensorBoard writers.
+
+A sample sheet has one row per example: input | generated | target | absolute
+error (black = exact, white = off by the whole [-1, 1] range, averaged over
+the colour channels), the layout of the Keras pix2pix tutorials' plots plus an
+error map that shows where the generator is still wrong.
+"""
+
+import html
+import pathlib
+import re
+
+import jax
+import numpy as np
+from clu import metric_writers
+from PIL import Image
+
+SAMPLES_DIR = "samples"
+SHEET_COLUMNS = ("input", "generated", "target", "|error|")
+_SHEET_NAME = re.compile(r"step_(\d+)\.png")
+
+
+def _to_uint8(images) -> np.ndarray:
+  return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def sample_sheet(inputs, generated, targets) -> np.ndarray:
+  """A uint8 [N*H, 4*W, 3] sheet of NHWC images in [-1, 1] (inputs may have other channel counts)."""
+  inputs, generated, targets = (np.asarray(x, np.float32) for x in (inputs, generated, targets))
+  if inputs.shape[-1] != 3:  # e.g. one-channel edge maps: show them grey.
+    inputs = np.repeat(inputs.mean(-1, keepdims=True), 3, axis=-1)
+  error = np.abs(generated - targets).mean(-1, keepdims=True) - 1.0  # [0, 2] -> [-1, 1]
+  columns = [inputs, generated, targets, np.repeat(error, 3, axis=-1)]
+  rows = np.concatenate(columns, axis=2)  # N, H, 4W, 3
+  return _to_uint8(rows.reshape(-1, *rows.shape[2:]))
+
+
+def sheet_path(directory, step: int) -> pathlib.Path:
+  return pathlib.Path(directory) / f"step_{step:08d}.png"
+
+
+def write_index(directory) -> pathlib.Path:
+  """(Re)writes ``directory/index.html``: every sample sheet there, newest first."""
+  directory = pathlib.Path(directory)
+  sheets = sorted(((int(m.group(1)), p.name) for p in directory.iterdir()
+                   if (m := _SHEET_NAME.fullmatch(p.name))), reverse=True)
+  title = f"p2p_jax samples: {html.escape(str(directory.parent.name))}"
+  body = "\n".join(
+      f'<h2 id="step{step}">step {step}</h2>\n<img src="{name}" alt="samples at step {step}">'
+      for step, name in sheets)
+  page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif}} img{{image-rendering:pixelated;width:min(100%,1024px)}}</style>
+</head><body>
+<h1>{title}</h1>
+<p>Each row: {' | '.join(SHEET_COLUMNS)}. Newest first.</p>
+{body}
+</body></html>
+"""
+  index = directory / "index.html"
+  index.write_text(page)
+  return index
+
+
+def write_samples(directory, step: int, sheet: np.ndarray) -> pathlib.Path:
+  """Saves ``sheet`` as ``directory/step_<step>.png`` and updates the index next to it."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  path = sheet_path(directory, step)
+  Image.fromarray(sheet).save(path)
+  write_index(directory)
+  return path
+
+
+def create_writer(logdir) -> metric_writers.MetricWriter:
+  """TensorBoard event files in ``logdir`` plus log lines; only logs on processes > 0."""
+  return metric_writers.create_default_writer(str(logdir), just_logging=jax.process_index() > 0)
