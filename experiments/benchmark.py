@@ -27,19 +27,20 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from experiments.configs import default
 from p2p_jax import layers, train
 
-flags.DEFINE_integer("size", 256, "Image side; the U-Net gets log2(size) levels (unet_256 for 256).")
-flags.DEFINE_integer("batch", 1, "Examples per device per step.")
-flags.DEFINE_integer("steps", 10, "Timed calls.")
-flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+flags.DEFINE_integer("size", 256, "Image side, a power of 2; the U-Net gets log2(size) levels (unet_256 for 256).")
+flags.DEFINE_integer("batch", 1, "Examples per device per step.", lower_bound=1)
+flags.DEFINE_integer("steps", 10, "Timed calls.", lower_bound=1)
+flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.", lower_bound=0)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params and losses stay float32).")
-flags.DEFINE_integer("devices", 1, "Devices to run data-parallel over (a mesh with one data axis).")
-flags.DEFINE_integer("steps_per_call", 1, "Train steps per compiled call (lax.scan).")
+flags.DEFINE_integer("devices", 1, "Devices to run data-parallel over (a mesh with one data axis).", lower_bound=1)
+flags.DEFINE_integer("steps_per_call", 1, "Train steps per compiled call (lax.scan).", lower_bound=1)
 flags.DEFINE_enum("conv_impl", "auto", list(layers.CONV_IMPLS), "config.model.conv_impl.")
 flags.DEFINE_enum("upconv_impl", "auto", list(layers.UPCONV_IMPLS), "config.model.upconv_impl.")
 flags.DEFINE_bool("profile", False, "Also trace a few calls and print the op time per layer.")
@@ -67,16 +68,37 @@ def _report(result: dict) -> None:
   print(json.dumps(result))
 
 
-def benchmark_data() -> None:
+def config_from_flags() -> ml_collections.ConfigDict:
+  """The default config at the flags' sizes; app.UsageError names a bad flag."""
   config = default.get_config()
   config.dataset = FLAGS.dataset
   config.batch_size = FLAGS.batch
-  config.crop_size, config.load_size = FLAGS.size, int(FLAGS.size * 286 / 256)
+  # The reference's load 286 / crop 256, scaled.
+  config.crop_size, config.load_size = FLAGS.size, FLAGS.size * 286 // 256
+  if FLAGS.size < 32 or FLAGS.size & (FLAGS.size - 1):
+    raise app.UsageError(f"--size must be a power of 2 of at least 32 (the U-Net gets log2(size) levels), "
+                         f"got {FLAGS.size}")
   config.model.num_downs = int(math.log2(FLAGS.size))
+  config.model.dtype = FLAGS.dtype
+  config.model.conv_impl = FLAGS.conv_impl
+  config.model.upconv_impl = FLAGS.upconv_impl
+  config.steps_per_epoch = 1000  # Sets the learning-rate schedule only.
+  if FLAGS.devices > jax.device_count():
+    raise app.UsageError(f"--devices={FLAGS.devices} but only {jax.device_count()} "
+                         f"{jax.default_backend()} device(s) are visible")
+  return config
+
+
+def benchmark_data() -> None:
+  config = config_from_flags()
   # Imported here: TensorFlow adds about 0.5 GB to the peak RSS that the train
   # benchmark reports.
   from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  iterator = input_pipeline.make_train_dataset(config, process_index=0, process_count=1).as_numpy_iterator()
+  try:
+    dataset = input_pipeline.make_train_dataset(config, process_index=0, process_count=1)
+  except ValueError as e:
+    raise app.UsageError(f"--dataset={FLAGS.dataset!r}: {e}") from e
+  iterator = dataset.as_numpy_iterator()
   for _ in range(FLAGS.warmup):
     next(iterator)
   times = []
@@ -122,13 +144,7 @@ def profile_by_layer(compiled, call, calls: int = 3) -> collections.Counter:
 
 
 def benchmark_train() -> None:
-  config = default.get_config()
-  config.crop_size = FLAGS.size
-  config.model.num_downs = int(math.log2(FLAGS.size))
-  config.model.dtype = FLAGS.dtype
-  config.model.conv_impl = FLAGS.conv_impl
-  config.model.upconv_impl = FLAGS.upconv_impl
-  config.steps_per_epoch = 1000
+  config = config_from_flags()
   global_batch = FLAGS.batch * FLAGS.devices
   mesh = Mesh(np.array(jax.devices()[:FLAGS.devices]), ("data",))
   replicated = NamedSharding(mesh, P())

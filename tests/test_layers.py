@@ -1,14 +1,18 @@
 """Every alternative formulation equals the plain one: outputs and both gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from p2p_jax import layers
+from experiments.configs import default
+from p2p_jax import layers, train
 
 
+@functools.partial(jax.jit, static_argnums=0)  # One compilation, not one per op.
 def _values_and_grads(f, x, kernel):
   # A random cotangent, so that every output element's gradient path is checked.
   cotangent = jax.random.normal(jax.random.key(7), jax.eval_shape(f, x, kernel).shape)
@@ -46,8 +50,10 @@ def test_plain_transposed_conv_is_pytorchs_scatter():
   np.testing.assert_allclose(layers.conv_transpose(x, kernel, 2, 1), expected[:, 1:-1, 1:-1], atol=1e-5)
 
 
+# U-Net and PatchGAN 4x4 (stride 2 and 1), the ResNet's 3x3/s2/p1, 3x3 and 7x7 stride 1.
 @pytest.mark.parametrize("size,cin,cout,k,stride,padding", [
-    (8, 3, 4, 4, 2, 1), (2, 8, 8, 4, 2, 1), (9, 5, 1, 4, 1, 1), (6, 4, 4, 3, 1, 0), (7, 3, 2, 1, 1, 0)])
+    (8, 3, 4, 4, 2, 1), (2, 8, 8, 4, 2, 1), (9, 5, 1, 4, 1, 1), (9, 3, 4, 3, 2, 1), (6, 4, 4, 3, 1, 0),
+    (10, 3, 2, 7, 1, 0)])
 def test_matmul_conv_equals_the_native_one(size, cin, cout, k, stride, padding):
   x, kernel = _inputs(size, cin, cout, k=k)
   native = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), ((padding, padding),) * 2,
@@ -94,3 +100,23 @@ def test_unknown_impls_are_named():
     layers.resolve_upconv_impl("fft", 4, 2, 1, 0, side=8, features=4)
   with pytest.raises(ValueError, match=r"config.model.conv_impl must be one of .*got 'winograd'"):
     layers.resolve_conv_impl("winograd", 8, features=4)
+
+
+def test_train_steps_is_train_step_in_sequence():
+  """The multi-step call (lax.scan) gives the state and metrics of one call per step."""
+  config = default.get_config()
+  config.crop_size, config.steps_per_epoch = 32, 10
+  config.model.update(num_downs=5, ngf=8, ndf=8)
+  state = train.create_train_state(jax.random.key(0), config, (32, 32, 3))
+  batches = {name: jax.random.uniform(jax.random.key(i), (2, 1, 32, 32, 3), minval=-1, maxval=1)
+             for i, name in enumerate("AB")}
+  step = jax.jit(functools.partial(train.train_step, config=config))
+  expected, metrics = state, []
+  for i in range(2):
+    expected, m = step(expected, jax.tree_util.tree_map(lambda x: x[i], batches))
+    metrics.append(m)
+  got, got_metrics = jax.jit(functools.partial(train.train_steps, config=config))(state, batches)
+  for name in train.METRIC_NAMES:
+    np.testing.assert_allclose(got_metrics[name], [m[name] for m in metrics], rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam moves each weight by ~2e-4.

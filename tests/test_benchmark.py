@@ -1,0 +1,57 @@
+"""experiments.benchmark: bad flags are named, the report is one JSON line, the profile finds layers."""
+
+import json
+
+from absl import app
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+from experiments import benchmark
+
+FLAGS = flags.FLAGS
+
+
+@pytest.fixture(autouse=True)
+def parsed_flags():
+  if not FLAGS.is_parsed():
+    FLAGS.mark_as_parsed()
+
+
+@pytest.mark.parametrize("size", [100, 16])
+def test_a_size_the_unet_cannot_take_names_the_flag(size):
+  with flagsaver.flagsaver(size=size):
+    with pytest.raises(app.UsageError, match=rf"--size must be a power of 2 of at least 32 .*got {size}"):
+      benchmark.config_from_flags()
+
+
+def test_more_devices_than_visible_names_the_flag():
+  with flagsaver.flagsaver(devices=1000):
+    with pytest.raises(app.UsageError, match=r"--devices=1000 but only \d+ cpu device"):
+      benchmark.config_from_flags()
+
+
+def test_a_missing_dataset_folder_names_the_flag(tmp_path):
+  with flagsaver.flagsaver(data=True, dataset=str(tmp_path / "missing"), size=32):
+    with pytest.raises(app.UsageError, match=r"--dataset='.*missing': config.dataset=.* is neither"):
+      benchmark.benchmark_data()
+
+
+def test_ops_are_attributed_to_their_layer_and_direction():
+  assert benchmark._layer_of("jit(train_step)/transpose(jvp(UNetGenerator))/up_1/dot_general") == (
+      "UNetGenerator/up_1 backward")
+  assert benchmark._layer_of("jit(train_step)/jvp(PatchDiscriminator)/conv_3/concatenate") == (
+      "PatchDiscriminator/conv_3 forward")
+  assert benchmark._layer_of("jit(train_step)/add").startswith("outside the models")
+
+
+def test_a_small_run_reports_one_json_line_and_a_profile(capsys):
+  with flagsaver.flagsaver(size=32, steps=1, warmup=0, profile=True):
+    benchmark.benchmark_train()
+  lines = capsys.readouterr().out.strip().splitlines()
+  result = json.loads(lines[-1])
+  for key in ("images_per_sec", "ms_per_step", "compile_s", "peak_rss_mib", "device", "dtype", "min_ms", "max_ms"):
+    assert key in result
+  assert result["images_per_sec"] > 0
+  assert any("UNetGenerator/up_0 backward" in line for line in lines[:-1])
+  assert any("PatchDiscriminator/conv_0 forward" in line for line in lines[:-1])
