@@ -9,7 +9,9 @@ are a function of the seed alone, whatever the number of hosts, and a run
 resumed at step k reads exactly what an uninterrupted run would have.
 """
 
+import concurrent.futures
 import dataclasses
+import os
 import pathlib
 from typing import Callable, List, Optional, Tuple
 
@@ -17,7 +19,7 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 import tensorflow as tf
 
 from p2p_jax import models
@@ -49,19 +51,38 @@ def _image_files(folder: pathlib.Path) -> List[pathlib.Path]:
   return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _image_size(path: pathlib.Path) -> Tuple[int, int]:
+  """(width, height) after decoding the whole file, so a truncated one fails here.
+
+  JPEGs decode at 1/8 scale (DCT scaling still reads every byte), about the
+  cost of two header reads.
+  """
+  with Image.open(path) as image:
+    width, height = image.size
+    image.draft("RGB", (width // 8, height // 8))
+    image.load()
+  return width, height
+
+
 def _check_images(paths: List[pathlib.Path], side_by_side: bool, skip_bad_files: bool) -> List[pathlib.Path]:
-  """Reads every header once, so a bad file is named before any training."""
-  good, bad = [], []
-  for path in paths:
+  """Decodes every file once, so a bad one is named before any training."""
+  def inspect(path):
     try:
-      with Image.open(path) as image:
-        width, height = image.size
-    except (UnidentifiedImageError, OSError) as error:
+      return _image_size(path)
+    except (OSError, SyntaxError) as error:  # PIL's errors for unreadable files.
+      return error
+
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes without the GIL.
+    sizes = list(pool.map(inspect, paths))
+  good, bad = [], []
+  for path, size in zip(paths, sizes):
+    if isinstance(size, Exception):
       if not skip_bad_files:
-        raise ValueError(f"Cannot decode image {path}: {error}. Remove or replace it, or set "
-                         "config.skip_bad_files=True to skip such files with a warning.") from None
+        raise ValueError(f"Cannot decode image {path}: {size}. Remove or replace it, or set "
+                         "config.skip_bad_files=True to skip such files with a warning.")
       bad.append(path)
       continue
+    width, height = size
     if side_by_side and width < pix2pix.PAIR_MIN_ASPECT * height:
       raise pix2pix.not_a_pair_error(path, width, height)
     good.append(path)
@@ -157,6 +178,12 @@ def pair_source(config: ml_collections.ConfigDict, split: str) -> PairSource:
   return _folder_source(root, split, config.skip_bad_files, config.cache)
 
 
+def _check_batch_size(config: ml_collections.ConfigDict, process_count: int) -> None:
+  if config.batch_size < 1 or config.batch_size % process_count:
+    raise ValueError(f"config.batch_size={config.batch_size} must be a positive multiple of the "
+                     f"number of processes ({process_count}): it is the global batch size.")
+
+
 def validate_config(config: ml_collections.ConfigDict, process_count: Optional[int] = None) -> None:
   """Raises a ValueError naming the config key for settings no pipeline can serve."""
   if config.preprocess not in PREPROCESS_MODES:
@@ -166,10 +193,7 @@ def validate_config(config: ml_collections.ConfigDict, process_count: Optional[i
   if config.preprocess in ("resize_and_crop", "scale_width") and config.crop_size > config.load_size:
     raise ValueError(f"config.crop_size={config.crop_size} is larger than config.load_size="
                      f"{config.load_size}: a random crop must fit in the resized image.")
-  process_count = jax.process_count() if process_count is None else process_count
-  if config.batch_size < 1 or config.batch_size % process_count:
-    raise ValueError(f"config.batch_size={config.batch_size} must be a positive multiple of the "
-                     f"number of processes ({process_count}): it is the global batch size.")
+  _check_batch_size(config, jax.process_count() if process_count is None else process_count)
   models.check_image_size(config.model, config.crop_size)
 
 
@@ -177,7 +201,9 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   return pair_source(config, split).num_examples
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+def steps_per_epoch(config: ml_collections.ConfigDict, process_count: int = 1) -> int:
+  """Global batches per epoch, whatever the process_count (which must divide config.batch_size)."""
+  _check_batch_size(config, process_count)
   return max(1, num_examples(config, config.train_split) // config.batch_size)
 
 
@@ -210,9 +236,9 @@ def _jitter(a, b, config, seed):
     a, b = _resize(a, load, load), _resize(b, load, load)
   elif config.preprocess == "scale_width":
     shape = tf.cast(tf.shape(a), tf.float32)
-    height = tf.maximum(tf.cast(tf.round(shape[0] * load / shape[1]), tf.int32), crop)
+    height = tf.cast(tf.maximum(shape[0] * load / shape[1], crop), tf.int32)  # int() as the reference
     a, b = _resize(a, height, load), _resize(b, height, load)
-  elif config.preprocess == "none":
+  elif config.preprocess == "none":  # The reference keeps any size; batches need crop_size.
     a, b = _resize(a, crop, crop), _resize(b, crop, crop)
   else:  # crop from the original size, which must be at least crop_size.
     a, b = tf.cast(a, tf.float32), tf.cast(b, tf.float32)

@@ -141,6 +141,9 @@ def test_eval_dataset_is_ordered_unjittered_and_keeps_the_last_batch(folder):
   assert _indices(np.concatenate([b["A"] for b in batches])) == [0, 1, 2]
   assert input_pipeline.num_examples(config, "test") == 3
   assert input_pipeline.steps_per_epoch(config) == N_TRAIN // 2
+  assert input_pipeline.steps_per_epoch(config, process_count=2) == N_TRAIN // 2  # global batches
+  with pytest.raises(ValueError, match=r"config.batch_size=2 must be a positive multiple of the number of processes \(4\)"):
+    input_pipeline.steps_per_epoch(config, process_count=4)
 
 
 def test_synthetic_dataset_is_made_once_and_deterministically(tmp_path):
@@ -166,6 +169,16 @@ def test_shard_for_devices():
 def test_a_file_that_does_not_decode_is_named(folder):
   (folder / "train" / "broken.jpg").write_bytes(b"not an image")
   with pytest.raises(ValueError, match=r"Cannot decode image .*train/broken.jpg.*skip_bad_files=True"):
+    input_pipeline.make_train_dataset(_config(folder))
+
+
+def test_a_truncated_file_is_named_before_training(folder):
+  whole = folder / "train" / "whole.jpg"
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 80, 3), np.uint8)).save(whole)
+  truncated = folder / "train" / "truncated.jpg"
+  truncated.write_bytes(whole.read_bytes()[:1000])
+  assert Image.open(truncated).size == (80, 40), "the header survives: only a full decode finds it"
+  with pytest.raises(ValueError, match=r"Cannot decode image .*train/truncated.jpg: .*skip_bad_files=True"):
     input_pipeline.make_train_dataset(_config(folder))
 
 
