@@ -6,6 +6,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow_datasets as tfds
 
 from p2p_jax import input_pipeline
 from p2p_jax.datasets import pix2pix, synthetic
@@ -60,12 +61,23 @@ def test_builder_names_a_file_that_is_not_a_pair(tmp_path):
     input_pipeline.num_examples(_config(tmp_path), "train")
 
 
-def test_unknown_pix2pix_dataset_and_missing_archive_are_explained(tmp_path):
+def test_unknown_pix2pix_dataset_is_named(tmp_path):
   config = _config(tmp_path)
   config.dataset = "pix2pix/horses"
   with pytest.raises(ValueError, match=r"no such pix2pix dataset; known: \['pix2pix/facades'"):
     input_pipeline.num_examples(config, "train")
   assert set(pix2pix.DATASETS) == {"facades", "cityscapes", "maps", "edges2shoes", "edges2handbags", "night2day"}
+
+
+def test_no_network_and_no_archive_says_where_to_put_it(tmp_path, monkeypatch):
+  def offline(self, url):
+    raise ConnectionError(f"no network for {url}")
+
+  monkeypatch.setattr(tfds.download.DownloadManager, "download", offline)
+  with pytest.raises(RuntimeError, match=(
+      r"(?s)Could not prepare pix2pix/facades .*no network for http://efrosgans.eecs.berkeley.edu/pix2pix/datasets/"
+      rf"facades.tar.gz.*put facades.tar.gz .* into {tmp_path}/downloads/manual")):
+    input_pipeline.num_examples(_config(tmp_path), "train")
 
 
 def test_synthetic_pairs_are_a_deterministic_function_of_the_seed(tmp_path):
