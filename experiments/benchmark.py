@@ -22,6 +22,7 @@ import resource
 import statistics
 import tempfile
 import time
+from typing import Tuple
 
 from absl import app
 from absl import flags
@@ -117,17 +118,21 @@ _MODULES = ("UNetGenerator", "ResnetGenerator", "PatchDiscriminator")
 
 def _layer_of(op_name: str) -> str:
   """``Module/layer direction`` from an HLO op's name scope, e.g. ``.../transpose(jvp(UNetGenerator))/up_1/...``."""
+  if not op_name:
+    return "ops XLA made without a name scope (layout copies, rewritten convolutions)"
   scopes = op_name.split("/")
   for scope, layer in zip(scopes, scopes[1:]):
     module = next((m for m in _MODULES if m in scope), None)
     if module:
       return f"{module}/{layer} {'backward' if 'transpose(' in scope else 'forward'}"
-  return "outside the models (optimizer, losses, layout copies)"
+  return "outside the models (optimizer, losses)"
 
 
-def profile_by_layer(compiled, call, calls: int = 3) -> collections.Counter:
-  """Milliseconds of op time per step for each layer and direction, from an XLA trace."""
-  op_names = dict(re.findall(r'%(\S+) = [^\n]*?metadata=\{op_name="([^"]+)"', compiled.as_text()))
+def profile(compiled, call, calls: int = 3) -> Tuple[collections.Counter, collections.Counter]:
+  """Milliseconds of op time per step by layer and direction, and by HLO op, from an XLA trace."""
+  hlo = compiled.as_text()
+  op_names = dict(re.findall(r'%(\S+) = [^\n]*?metadata=\{op_name="([^"]+)"', hlo))
+  ops = dict(re.findall(r"%(\S+) = ([^\n]{0,150})", hlo))
   with tempfile.TemporaryDirectory() as folder:
     with jax.profiler.trace(folder, create_perfetto_trace=True):
       for _ in range(calls):
@@ -135,12 +140,14 @@ def profile_by_layer(compiled, call, calls: int = 3) -> collections.Counter:
     (trace,) = glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)
     with gzip.open(trace) as f:
       events = json.load(f)["traceEvents"]
-  per_step = collections.Counter()
+  by_layer, by_op = collections.Counter(), collections.Counter()
   for event in events:
     op = event.get("args", {}).get("hlo_op")
     if event.get("ph") == "X" and op:
-      per_step[_layer_of(op_names.get(op, ""))] += event["dur"] / 1000 / calls / FLAGS.steps_per_call
-  return per_step
+      ms = event["dur"] / 1000 / calls / FLAGS.steps_per_call
+      by_layer[_layer_of(op_names.get(op, ""))] += ms
+      by_op[f"{op} = {ops.get(op, '?')}"] += ms
+  return by_layer, by_op
 
 
 def benchmark_train() -> None:
@@ -186,10 +193,12 @@ def benchmark_train() -> None:
     metrics = jax.block_until_ready(call())
     times.append(time.perf_counter() - start)
   if FLAGS.profile:
-    profile = profile_by_layer(compiled, call)
-    for layer, ms in profile.most_common():
+    by_layer, by_op = profile(compiled, call)
+    for layer, ms in by_layer.most_common():
       print(f"profile {ms:8.1f} ms  {layer}")
-    print(f"profile {sum(profile.values()):8.1f} ms  total op time per step")
+    print(f"profile {sum(by_layer.values()):8.1f} ms  total op time per step")
+    for op, ms in by_op.most_common(10):
+      print(f"profile op {ms:8.1f} ms  {op}")
   per_step = statistics.median(times) / FLAGS.steps_per_call
   _report(dict(mode="train", size=FLAGS.size, batch=FLAGS.batch, devices=FLAGS.devices,
                steps_per_call=FLAGS.steps_per_call, dtype=FLAGS.dtype,
