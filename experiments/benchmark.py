@@ -10,8 +10,8 @@ Random data, timed after compilation; the last line printed is one JSON object
 """
 
 import collections
-import ctypes
 import functools
+import gc
 import glob
 import gzip
 import json
@@ -33,12 +33,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from experiments.configs import default
-from p2p_jax import layers, train
+from p2p_jax import layers, runtime, train
 
 flags.DEFINE_integer("size", 256, "Image side, a power of 2; the U-Net gets log2(size) levels (unet_256 for 256).")
 flags.DEFINE_integer("batch", 1, "Examples per device per step.", lower_bound=1)
 flags.DEFINE_integer("steps", 10, "Timed calls.", lower_bound=1)
-flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.", lower_bound=0)
+flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation; the first also settles the heap.",
+                     lower_bound=1)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (params and losses stay float32).")
 flags.DEFINE_integer("devices", 1, "Devices to run data-parallel over (a mesh with one data axis).", lower_bound=1)
 flags.DEFINE_integer("steps_per_call", 1, "Train steps per compiled call (lax.scan).", lower_bound=1)
@@ -52,14 +53,6 @@ FLAGS = flags.FLAGS
 
 def _peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _release_free_heap() -> None:
-  """Returns freed heap pages to the OS (glibc only; elsewhere a no-op)."""
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
 
 
 def _report(result: dict) -> None:
@@ -155,12 +148,11 @@ def benchmark_train() -> None:
   global_batch = FLAGS.batch * FLAGS.devices
   mesh = Mesh(np.array(jax.devices()[:FLAGS.devices]), ("data",))
   replicated = NamedSharding(mesh, P())
-  # Compile everything from shapes first, then allocate: XLA's compiler leaves
-  # about 0.5 GB of freed heap that glibc keeps unless trimmed.
-  init = jax.jit(functools.partial(train.create_train_state, config=config, image_shape=(FLAGS.size, FLAGS.size, 3)),
-                 out_shardings=replicated)
-  abstract_state = jax.eval_shape(init, jax.random.key(0))
-  init = init.lower(jax.random.key(0)).compile()
+  # Compile from shapes first, then allocate, releasing what serves only once
+  # (runtime.release_free_memory): the peak is then that of training itself.
+  init = functools.partial(train.create_train_state, config=config, image_shape=(FLAGS.size, FLAGS.size, 3))
+  abstract_state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                          jax.eval_shape(init, jax.random.key(0)))
   # One step per call runs train_step itself: XLA:CPU runs a step inside
   # lax.scan's loop several times slower (BENCHMARKS.md).
   if FLAGS.steps_per_call == 1:
@@ -173,20 +165,24 @@ def benchmark_train() -> None:
   start = time.perf_counter()
   compiled = step.lower(abstract_state, {"A": batch_shape, "B": batch_shape}).compile()
   compile_s = time.perf_counter() - start
-  _release_free_heap()
+  runtime.release_free_memory()
 
-  state = init(jax.random.key(0))
+  state = jax.device_put(init(jax.random.key(0)), replicated)
   keys = jax.random.split(jax.random.key(1))
   batches = {name: jax.device_put(jax.random.uniform(key, batch_shape.shape, jnp.float32, -1, 1), sharded)
              for name, key in zip("AB", keys)}
+  gc.collect()  # The networks' init executables.
+  runtime.release_free_memory()
 
   def call():
     nonlocal state
     state, metrics = compiled(state, batches)
     return metrics
 
-  for _ in range(FLAGS.warmup):
+  for i in range(FLAGS.warmup):
     jax.block_until_ready(call())
+    if i == 0:
+      runtime.release_free_memory()
   times = []
   for _ in range(FLAGS.steps):
     start = time.perf_counter()
@@ -211,6 +207,7 @@ def benchmark_train() -> None:
 
 def main(argv):
   del argv
+  runtime.reuse_host_memory()
   benchmark_data() if FLAGS.data else benchmark_train()
 
 

@@ -12,7 +12,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from p2p_jax import checkpoint, trainer
+from p2p_jax import checkpoint, runtime, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/configs/demo.py.",
@@ -42,6 +42,7 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  runtime.reuse_host_memory()
   initialize_distributed()
   checkpoint.quiet_orbax_logs()
   logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),

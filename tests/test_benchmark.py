@@ -46,7 +46,7 @@ def test_ops_are_attributed_to_their_layer_and_direction():
 
 
 def test_a_small_run_reports_one_json_line_and_a_profile(capsys):
-  with flagsaver.flagsaver(size=32, steps=1, warmup=0, profile=True):
+  with flagsaver.flagsaver(size=32, steps=1, warmup=1, profile=True):
     benchmark.benchmark_train()
   lines = capsys.readouterr().out.strip().splitlines()
   result = json.loads(lines[-1])
