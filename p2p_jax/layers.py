@@ -2,9 +2,11 @@
 
 They follow the PyTorch reference (junyanz/pytorch-CycleGAN-and-pix2pix) closely
 enough that identical weights give identical outputs: kernels are stored HWIO,
-transposed-convolution kernels as ``(kh, kw, in, out)`` (PyTorch's
-``ConvTranspose2d.weight`` is ``(in, out, kh, kw)``), and batch norm keeps the
-unbiased running variance that PyTorch keeps.
+transposed-convolution kernels as ``(in, kh, kw, out)`` (PyTorch's
+``ConvTranspose2d.weight`` is ``(in, out, kh, kw)``; with ``in`` first, the
+matmul formulation reads the kernel as one ``(in, kh*kw*out)`` matrix without
+copying it), and batch norm keeps the unbiased running variance that PyTorch
+keeps.
 """
 
 import math
@@ -82,10 +84,10 @@ class Norm(nn.Module):
     raise ValueError(f"norm must be 'batch', 'instance' or 'none', got {self.kind!r}")
 
 
-def _pick(table, backend_default: str, side: int, features: int) -> str:
-  """The first ``(largest input side, fewest output features, impl)`` row that fits."""
-  for max_side, min_features, impl in table.get(jax.default_backend(), ()):
-    if side <= max_side and features >= min_features:
+def _pick(table, backend_default: str, side: int) -> str:
+  """The first ``(largest input side, impl)`` row of this backend's table that fits ``side``."""
+  for max_side, impl in table.get(jax.default_backend(), ()):
+    if side <= max_side:
       return impl
   return backend_default
 
@@ -93,8 +95,8 @@ def _pick(table, backend_default: str, side: int, features: int) -> str:
 def conv_matmul(x, kernel, stride: int, padding: int):
   """A convolution as im2col (k*k strided slices) and one matmul.
 
-  On XLA:CPU its gradients beat the native convolution's for small images with
-  many channels, the U-Net's inner layers.
+  On XLA:CPU it beats the native convolution, gradients included, on small
+  images: the U-Net's inner layers and the PatchGAN's last three.
   """
   k, cin = kernel.shape[0], kernel.shape[2]
   x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
@@ -107,15 +109,15 @@ def conv_matmul(x, kernel, stride: int, padding: int):
 CONV_IMPLS = ("auto", "xla", "matmul")
 # What "auto" picks on each backend, from the measurements in BENCHMARKS.md; a
 # backend not listed keeps XLA's own convolution.
-_AUTO_CONV = {"cpu": ((32, 64, "matmul"),)}
+_AUTO_CONV = {"cpu": ((32, "matmul"),)}
 
 
-def resolve_conv_impl(impl: str, side: int, features: int) -> str:
+def resolve_conv_impl(impl: str, side: int) -> str:
   """The formulation that runs: ``impl``, or the measured best for "auto"."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"config.model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
   if impl == "auto":
-    return _pick(_AUTO_CONV, "xla", side, features)
+    return _pick(_AUTO_CONV, "xla", side)
   return impl
 
 
@@ -137,7 +139,7 @@ class Conv(nn.Module):
     kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if resolve_conv_impl(self.impl, x.shape[1], self.features) == "matmul":
+    if resolve_conv_impl(self.impl, x.shape[1]) == "matmul":
       y = conv_matmul(x, kernel, self.stride, self.padding)
     else:
       p = self.padding
@@ -151,13 +153,14 @@ class Conv(nn.Module):
 def conv_transpose(x, kernel, stride: int, padding: int, output_padding: int = 0):
   """PyTorch's ``ConvTranspose2d`` as one dilated convolution (XLA's own lowering).
 
-  ``kernel`` is ``(kh, kw, in, out)``: each input pixel scatters ``kernel``
+  ``kernel`` is ``(in, kh, kw, out)``: each input pixel scatters ``kernel``
   into the output at ``stride * i + k - padding``.
   """
-  k = kernel.shape[0]
+  k = kernel.shape[1]
   lo, hi = k - 1 - padding, k - 1 - padding + output_padding
+  hwio = jnp.flip(kernel.transpose(1, 2, 0, 3), (0, 1))
   return lax.conv_general_dilated(
-      x, jnp.flip(kernel, (0, 1)), window_strides=(1, 1), padding=((lo, hi), (lo, hi)),
+      x, hwio, window_strides=(1, 1), padding=((lo, hi), (lo, hi)),
       lhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
@@ -187,35 +190,20 @@ def conv_transpose_matmul(x, kernel):
   """
   n, h, w, cin = x.shape
   cout = kernel.shape[-1]
-  patches = jnp.dot(x.reshape(-1, cin), kernel.transpose(2, 0, 1, 3).reshape(cin, 16 * cout))
+  patches = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, 16 * cout))
   patches = patches.reshape(n, h, w, 4, 4, cout)
   return _overlap_add(lambda a, b: patches[:, :, :, a, b])
 
 
-def conv_transpose_tap_matmul(x, kernel):
-  """``conv_transpose_matmul`` as 16 per-tap matmuls batched over the kernel's taps.
-
-  It never transposes the kernel, whose copies dominate the small inner layers
-  (few pixels, up to 8M weights), but it broadcasts the input 16 times.
-  """
-  n, h, w, cin = x.shape
-  cout = kernel.shape[-1]
-  x = jnp.broadcast_to(x.reshape(1, n * h * w, cin), (16, n * h * w, cin))
-  patches = lax.dot_general(x, kernel.reshape(16, cin, cout), (((2,), (1,)), ((0,), (0,))))
-  patches = patches.reshape(4, 4, n, h, w, cout)
-  return _overlap_add(lambda a, b: patches[a, b])
-
-
-UPCONV_IMPLS = ("auto", "conv_transpose", "matmul", "tap_matmul")
-_UPCONV_FUNCTIONS = {"matmul": conv_transpose_matmul, "tap_matmul": conv_transpose_tap_matmul}
+UPCONV_IMPLS = ("auto", "conv_transpose", "matmul")
 # What "auto" picks on each backend: the first (largest input side, impl) that
 # fits, from the measurements in BENCHMARKS.md. A backend not listed keeps XLA's
 # own transposed convolution.
-_AUTO_UPCONV = {"cpu": ((8, 1, "tap_matmul"), (math.inf, 1, "matmul"))}
+_AUTO_UPCONV = {"cpu": ((math.inf, "matmul"),)}
 
 
 def resolve_upconv_impl(impl: str, kernel_size: int, stride: int, padding: int, output_padding: int,
-                        side: int, features: int) -> str:
+                        side: int) -> str:
   """The formulation that runs: ``impl``, or the measured best for "auto".
 
   Shapes other than the U-Net's 4x4/stride-2/padding-1 use the plain one.
@@ -225,7 +213,7 @@ def resolve_upconv_impl(impl: str, kernel_size: int, stride: int, padding: int, 
   if (kernel_size, stride, padding, output_padding) != (4, 2, 1, 0):
     return "conv_transpose"
   if impl == "auto":
-    return _pick(_AUTO_UPCONV, "conv_transpose", side, features)
+    return _pick(_AUTO_UPCONV, "conv_transpose", side)
   return impl
 
 
@@ -245,15 +233,15 @@ class ConvTranspose(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+    kernel = self.param("kernel", conv_init, (x.shape[-1], self.kernel_size, self.kernel_size, self.features))
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     impl = resolve_upconv_impl(self.impl, self.kernel_size, self.stride, self.padding, self.output_padding,
-                               x.shape[1], self.features)
-    if impl == "conv_transpose":
-      y = conv_transpose(x, kernel, self.stride, self.padding, self.output_padding)
+                               x.shape[1])
+    if impl == "matmul":
+      y = conv_transpose_matmul(x, kernel)
     else:
-      y = _UPCONV_FUNCTIONS[impl](x, kernel)
+      y = conv_transpose(x, kernel, self.stride, self.padding, self.output_padding)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
     return y

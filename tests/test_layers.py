@@ -27,26 +27,27 @@ def _assert_same(f, g, x, kernel):
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(b))))
 
 
-def _inputs(size, cin, cout, k=4, batch=2):
+def _inputs(size, cin, cout, k=4, batch=2, transposed=False):
+  """An input and a kernel: HWIO, or ``(in, kh, kw, out)`` for a transposed conv."""
   x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
-  kernel = 0.1 * jax.random.normal(jax.random.key(1), (k, k, cin, cout))
+  shape = (cin, k, k, cout) if transposed else (k, k, cin, cout)
+  kernel = 0.1 * jax.random.normal(jax.random.key(1), shape)
   return x, kernel
 
 
-@pytest.mark.parametrize("formulation", [layers.conv_transpose_matmul, layers.conv_transpose_tap_matmul])
 @pytest.mark.parametrize("size,cin,cout", [(1, 8, 4), (2, 16, 8), (8, 6, 5), (16, 4, 3)])
-def test_matmul_transposed_convs_equal_the_dilated_one(formulation, size, cin, cout):
-  x, kernel = _inputs(size, cin, cout)
-  _assert_same(lambda x, k: layers.conv_transpose(x, k, 2, 1), formulation, x, kernel)
+def test_matmul_transposed_conv_equals_the_dilated_one(size, cin, cout):
+  x, kernel = _inputs(size, cin, cout, transposed=True)
+  _assert_same(lambda x, k: layers.conv_transpose(x, k, 2, 1), layers.conv_transpose_matmul, x, kernel)
 
 
 def test_plain_transposed_conv_is_pytorchs_scatter():
   """out[2i + a - 1] += x[i] * k[a]: the definition of ConvTranspose2d(4, 2, 1)."""
-  x, kernel = _inputs(3, 2, 2, batch=1)
+  x, kernel = _inputs(3, 2, 2, batch=1, transposed=True)
   expected = np.zeros((1, 8, 8, 2), np.float32)
   for i in range(3):
     for j in range(3):
-      expected[0, 2 * i:2 * i + 4, 2 * j:2 * j + 4] += np.einsum("c,abco->abo", x[0, i, j], kernel)
+      expected[0, 2 * i:2 * i + 4, 2 * j:2 * j + 4] += np.einsum("c,cabo->abo", x[0, i, j], kernel)
   np.testing.assert_allclose(layers.conv_transpose(x, kernel, 2, 1), expected[:, 1:-1, 1:-1], atol=1e-5)
 
 
@@ -61,7 +62,7 @@ def test_matmul_conv_equals_the_native_one(size, cin, cout, k, stride, padding):
   _assert_same(native, lambda x, w: layers.conv_matmul(x, w, stride, padding), x, kernel)
 
 
-@pytest.mark.parametrize("impl", ["conv_transpose", "matmul", "tap_matmul", "auto"])
+@pytest.mark.parametrize("impl", ["conv_transpose", "matmul", "auto"])
 def test_modules_give_the_same_output_and_parameters_whatever_the_impl(impl):
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 6))
   reference = layers.ConvTranspose(5, use_bias=True, impl="conv_transpose")
@@ -71,13 +72,13 @@ def test_modules_give_the_same_output_and_parameters_whatever_the_impl(impl):
   np.testing.assert_allclose(module.apply(variables, x), reference.apply(variables, x), atol=1e-5)
   conv = lambda impl: layers.Conv(4, 4, 2, 1, use_bias=False, impl=impl)
   conv_vars = conv("xla").init(jax.random.key(2), x)
-  conv_impl = {"conv_transpose": "xla", "tap_matmul": "matmul"}.get(impl, impl)
+  conv_impl = {"conv_transpose": "xla"}.get(impl, impl)
   np.testing.assert_allclose(conv(conv_impl).apply(conv_vars, x), conv("xla").apply(conv_vars, x), atol=1e-5)
 
 
 def test_other_transposed_convs_fall_back_to_the_plain_formulation():
   """The ResNet's 3x3/s2/p1/output_padding=1 layer has no matmul form: it must still be right."""
-  assert layers.resolve_upconv_impl("matmul", 3, 2, 1, 1, side=5, features=2) == "conv_transpose"
+  assert layers.resolve_upconv_impl("matmul", 3, 2, 1, 1, side=5) == "conv_transpose"
   x = jax.random.normal(jax.random.key(0), (1, 5, 5, 3))
   module = layers.ConvTranspose(2, kernel_size=3, stride=2, padding=1, output_padding=1, impl="matmul")
   variables = module.init(jax.random.key(1), x)
@@ -88,18 +89,16 @@ def test_other_transposed_convs_fall_back_to_the_plain_formulation():
 
 def test_auto_picks_what_was_measured_fastest_on_cpu():
   assert jax.default_backend() == "cpu"
-  upconv = lambda side: layers.resolve_upconv_impl("auto", 4, 2, 1, 0, side, features=64)
-  assert (upconv(8), upconv(16)) == ("tap_matmul", "matmul")
-  assert layers.resolve_conv_impl("auto", 32, features=64) == "matmul"
-  assert layers.resolve_conv_impl("auto", 32, features=1) == "xla"
-  assert layers.resolve_conv_impl("auto", 64, features=64) == "xla"
+  assert {layers.resolve_upconv_impl("auto", 4, 2, 1, 0, side) for side in (1, 8, 128)} == {"matmul"}
+  assert layers.resolve_conv_impl("auto", 32) == "matmul"
+  assert layers.resolve_conv_impl("auto", 64) == "xla"
 
 
 def test_unknown_impls_are_named():
   with pytest.raises(ValueError, match=r"config.model.upconv_impl must be one of .*got 'fft'"):
-    layers.resolve_upconv_impl("fft", 4, 2, 1, 0, side=8, features=4)
+    layers.resolve_upconv_impl("fft", 4, 2, 1, 0, side=8)
   with pytest.raises(ValueError, match=r"config.model.conv_impl must be one of .*got 'winograd'"):
-    layers.resolve_conv_impl("winograd", 8, features=4)
+    layers.resolve_conv_impl("winograd", 8)
 
 
 def test_train_steps_is_train_step_in_sequence():

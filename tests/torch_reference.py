@@ -265,7 +265,7 @@ def flax_variables(net: nn.Module, names: Sequence[str]) -> Dict[str, dict]:
 
   The torch layers pair with ``names`` in order. Conv2d weights
   ``(out, in, kh, kw)`` become HWIO kernels, ConvTranspose2d weights
-  ``(in, out, kh, kw)`` become ``(kh, kw, in, out)``, and a BatchNorm2d becomes
+  ``(in, out, kh, kw)`` become ``(in, kh, kw, out)``, and a BatchNorm2d becomes
   the ``bn`` child of the named ``Norm``. Instance norm holds no variables.
   """
   torch_layers = [m for m in net.modules() if isinstance(m, _LAYER_TYPES)]
@@ -275,8 +275,8 @@ def flax_variables(net: nn.Module, names: Sequence[str]) -> Dict[str, dict]:
   params, batch_stats = {}, {}
   for name, layer in zip(names, torch_layers):
     if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
-      in_out = (1, 0) if isinstance(layer, nn.Conv2d) else (0, 1)
-      params[name] = {"kernel": _numpy(layer.weight, 2, 3, *in_out)}
+      axes = (2, 3, 1, 0) if isinstance(layer, nn.Conv2d) else (0, 2, 3, 1)
+      params[name] = {"kernel": _numpy(layer.weight, *axes)}
       if layer.bias is not None:
         params[name]["bias"] = _numpy(layer.bias)
     elif isinstance(layer, nn.BatchNorm2d):

@@ -32,8 +32,7 @@ def get_config():
   config.model.sync_batch_stats = False
   config.model.dtype = "float32"  # compute dtype; parameters and losses stay float32
   # Formulations (same parameters; "auto" picks per backend as measured in
-  # BENCHMARKS.md): convs auto | xla | matmul, transposed convs auto | conv_transpose | matmul |
-  # tap_matmul.
+  # BENCHMARKS.md): convs auto | xla | matmul, transposed convs auto | conv_transpose | matmul.
   config.model.conv_impl = "auto"
   config.model.upconv_impl = "auto"
 
