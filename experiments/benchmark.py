@@ -161,7 +161,8 @@ def benchmark_train() -> None:
     shape, sharded, step_fn = (FLAGS.steps_per_call, global_batch), NamedSharding(mesh, P(None, "data")), train.train_steps
   batch_shape = jax.ShapeDtypeStruct((*shape, FLAGS.size, FLAGS.size, 3), jnp.float32, sharding=sharded)
   step = jax.jit(functools.partial(step_fn, config=config), donate_argnums=0,
-                 in_shardings=(replicated, sharded), out_shardings=(replicated, replicated))
+                 in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+                 compiler_options=train.COMPILER_OPTIONS)
   start = time.perf_counter()
   compiled = step.lower(abstract_state, {"A": batch_shape, "B": batch_shape}).compile()
   compile_s = time.perf_counter() - start

@@ -213,7 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> train.Trai
 
   step_fn = jax.jit(functools.partial(train.train_step, config=config),
                     in_shardings=(replicated, batch_sharding),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
+                    out_shardings=(replicated, replicated), donate_argnums=0,
+                    compiler_options=train.COMPILER_OPTIONS)
   sample_fn = jax.jit(make_translate_fn(config, "eval"), out_shardings=replicated)
   samples = next(input_pipeline.make_eval_dataset(
       config, batch_size=config.num_sample_images).as_numpy_iterator())
