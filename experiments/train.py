@@ -12,7 +12,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from p2p_jax import checkpoint, trainer
+from p2p_jax import checkpoint, input_pipeline, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/configs/demo.py.",
@@ -48,7 +48,8 @@ def main(argv):
                jax.process_count(), jax.local_devices())
   try:
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, trainer.NonFiniteError) as error:
+  except (ValueError, OSError, input_pipeline.DatasetUnavailableError,
+          trainer.NonFiniteError) as error:  # OSError: e.g. a --workdir that cannot be written.
     sys.exit(f"error: {error}")
 
 
