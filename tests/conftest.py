@@ -22,6 +22,7 @@ import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
 from experiments.configs import default  # noqa: E402
+from p2p_jax import checkpoint, trainer  # noqa: E402
 
 
 def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
@@ -58,6 +59,16 @@ def run_config(data_dir, **overrides) -> ml_collections.ConfigDict:
   return config
 
 
+def checkpoint_steps(workdir):
+  return checkpoint.make_manager(workdir, create=False).all_steps()
+
+
+def snapshot(directory):
+  """Every file under ``directory`` with its bytes and modification time."""
+  return {path: (path.read_bytes(), path.stat().st_mtime_ns)
+          for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
 @pytest.fixture
 def config():
   return tiny_config()
@@ -72,8 +83,6 @@ def synthetic_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory, synthetic_dir):
   """(config, workdir) of a finished run_config run, shared by the trainer and entry point tests."""
-  from p2p_jax import checkpoint, trainer
-
   checkpoint.quiet_orbax_logs()
   config = run_config(synthetic_dir)
   workdir = tmp_path_factory.mktemp("finished")

@@ -13,13 +13,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from p2p_jax import checkpoint, input_pipeline, summaries, train, trainer
-from tests.conftest import run_config
-
-
-def _snapshot(directory):
-  """Every file under ``directory`` with its bytes and modification time."""
-  return {path: (path.read_bytes(), path.stat().st_mtime_ns)
-          for path in sorted(directory.rglob("*")) if path.is_file()}
+from tests.conftest import checkpoint_steps, run_config, snapshot
 
 
 def _assert_states_equal(actual, expected):
@@ -28,10 +22,6 @@ def _assert_states_equal(actual, expected):
   assert treedef == expected_treedef
   for leaf, expected_leaf in zip(leaves, expected_leaves):
     np.testing.assert_array_equal(leaf, expected_leaf)
-
-
-def _steps(workdir):
-  return checkpoint.make_manager(workdir, create=False).all_steps()
 
 
 def _events(logdir):
@@ -74,7 +64,7 @@ def _sigterm(batch):
 
 def test_keeps_the_latest_checkpoints_saved_every_n_steps_and_at_the_end(finished_run):
   config, workdir = finished_run
-  assert _steps(workdir) == [4, 5]  # 2 and 4 by the cadence, 5 at the end; 2 dropped (keep 2).
+  assert checkpoint_steps(workdir) == [4, 5]  # 2 and 4 by the cadence, 5 at the end; 2 dropped (keep 2).
   assert int(checkpoint.load_state(workdir).step) == 5
   assert int(checkpoint.load_state(workdir, step=4).step) == 4
   assert checkpoint.load_config(workdir).steps_per_epoch == 256 // config.batch_size
@@ -103,10 +93,10 @@ def test_sample_sheets_show_four_columns_over_time(finished_run):
 
 def test_running_a_finished_run_again_changes_nothing(finished_run):
   config, workdir = finished_run
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   state = trainer.train_and_evaluate(config, workdir)
   assert int(state.step) == 5
-  assert _snapshot(workdir) == before
+  assert snapshot(workdir) == before
 
 
 def test_a_run_stopped_by_sigterm_resumes_exactly_where_it_stopped(tmp_path, finished_run, monkeypatch):
@@ -117,7 +107,7 @@ def test_a_run_stopped_by_sigterm_resumes_exactly_where_it_stopped(tmp_path, fin
   handler = signal.getsignal(signal.SIGTERM)
   stopped = trainer.train_and_evaluate(config, workdir)
   assert int(stopped.step) == 3
-  assert _steps(workdir) == [2, 3]
+  assert checkpoint_steps(workdir) == [2, 3]
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   _, data_position = checkpoint.restore(checkpoint.make_manager(workdir, create=False), 3, config,
                                         one_device)
@@ -126,7 +116,7 @@ def test_a_run_stopped_by_sigterm_resumes_exactly_where_it_stopped(tmp_path, fin
 
   trainer.train_and_evaluate(config, workdir)
   assert start_steps == [0, 3]
-  assert _steps(workdir) == [4, 5]
+  assert checkpoint_steps(workdir) == [4, 5]
   _assert_states_equal(checkpoint.load_state(workdir), checkpoint.load_state(finished))
 
 
@@ -149,7 +139,7 @@ def test_a_signal_during_set_up_stops_before_the_first_step(tmp_path, synthetic_
   finally:
     signal.signal(signum, previous)
   assert int(state.step) == 0
-  assert _steps(tmp_path) == []
+  assert checkpoint_steps(tmp_path) == []
 
 
 def test_a_non_finite_loss_names_its_step_and_keeps_the_last_good_checkpoint(
@@ -162,33 +152,36 @@ def test_a_non_finite_loss_names_its_step_and_keeps_the_last_good_checkpoint(
       rf"Step 3 gave a non-finite loss \(.*g_loss=nan\); stopped without saving anything after "
       rf"it. The checkpoints in {checkpoints} are kept; lower config.optim.lr or check the data")):
     trainer.train_and_evaluate(config, tmp_path)
-  assert _steps(tmp_path) == [2]
+  assert checkpoint_steps(tmp_path) == [2]
   assert int(checkpoint.load_state(tmp_path).step) == 2
 
 
+def test_all_finite_looks_at_every_float_leaf(finished_run):
+  state = checkpoint.load_state(finished_run[1])
+  assert trainer._all_finite(state)
+  for bad in (jnp.nan, jnp.inf):
+    kernel = state.d_params["conv_0"]["kernel"]
+    poisoned = state.replace(d_params={**state.d_params, "conv_0": {
+        **state.d_params["conv_0"], "kernel": kernel.at[0, 0, 0, 0].set(bad)}})
+    assert not trainer._all_finite(poisoned)
+
+
 def test_a_non_finite_state_after_finite_losses_is_not_saved(tmp_path, synthetic_dir, monkeypatch):
-  """The parameters after step 4 (a checkpoint step) are poisoned, its losses are not."""
-  train_step = train.train_step
-
-  def poisoned_step(state, batch, *, config):
-    state, metrics = train_step(state, batch, config=config)
-    poison = lambda x: jnp.where(state.step == 4, jnp.nan, x)
-    return state.replace(g_params=jax.tree_util.tree_map(poison, state.g_params)), metrics
-
-  monkeypatch.setattr(train, "train_step", poisoned_step)
+  """As after an overflowing update: the check before saving step 4 finds the state bad."""
+  monkeypatch.setattr(trainer, "_all_finite", lambda state: jnp.asarray(int(state.step) != 4))
   config = run_config(synthetic_dir, log_every_steps=100, sample_every_steps=100)
   checkpoints = re.escape(str(checkpoint.checkpoint_dir(tmp_path)))
   with pytest.raises(trainer.NonFiniteError, match=(
       rf"The state after step 4 is not finite; it was not saved. The checkpoints in {checkpoints} "
       r"are kept")):
     trainer.train_and_evaluate(config, tmp_path)
-  assert _steps(tmp_path) == [2]
+  assert checkpoint_steps(tmp_path) == [2]
 
 
 def test_an_incompatible_config_is_refused_and_the_checkpoints_untouched(tmp_path, finished_run):
   config, finished = finished_run
   shutil.copytree(checkpoint.checkpoint_dir(finished), checkpoint.checkpoint_dir(tmp_path))
-  before = _snapshot(tmp_path)
+  before = snapshot(tmp_path)
   other = config.copy_and_resolve_references()
   other.model.ngf, other.seed = 16, 1
   other.num_train_steps, other.keep_checkpoints = 50, 1  # free to change on resume
@@ -197,7 +190,7 @@ def test_an_incompatible_config_is_refused_and_the_checkpoints_untouched(tmp_pat
       r"\(config.model.ngf: 8 in the checkpoint, 16 now; config.seed: 0 in the checkpoint, 1 now\)"
       r". It was left untouched")):
     trainer.train_and_evaluate(other, tmp_path)
-  assert _snapshot(tmp_path) == before
+  assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("overrides, message", [
