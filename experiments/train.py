@@ -39,6 +39,21 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
+def parse_flags(argv):
+  """absl's flag parser; an override of a key the config lacks is an error line, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:  # What ml_collections raises for such a key.
+    while error.args and isinstance(error.args[0], BaseException):
+      error = error.args[0]
+    key, _, hint = str(error.args[0] if error.args else error).partition("\n")
+    key = key.strip("'")
+    given = [name for name in (arg.split("=")[0] for arg in argv if arg.startswith("--config."))
+             if key in name.split(".")]
+    sys.exit(f"error: {', '.join(given) or '--config.' + key}: the config has no key {key!r}. "
+             f"{hint}".strip())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -54,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

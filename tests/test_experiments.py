@@ -63,6 +63,7 @@ def failed_commands(finished_run, tmp_path_factory):
   commands = {
       "incompatible": _train_command(other, copy),
       "multihost": _train_command(config, tmp / "new", "--coordinator_address=localhost:1234"),
+      "typo": _train_command(config, tmp / "new", "--config.model.ngff=16"),
       "translate": _command("translate", "--workdir", workdir, "--input", tmp / "missing.png",
                             "--output", tmp / "out"),
       "evaluate": _command("evaluate", "--workdir", workdir, "--step", 3),
@@ -94,6 +95,13 @@ def test_train_wants_all_three_multi_host_flags_or_none(failed_commands):
   stderr = _error_line(failed_commands, "multihost")
   assert ("--coordinator_address given without --num_processes, --process_id: a multi-host run "
           "needs all three.") in stderr
+  assert not (failed_commands[1] / "new").exists()
+
+
+def test_train_names_a_config_override_of_no_key(failed_commands):
+  stderr = _error_line(failed_commands, "typo")
+  assert ('error: --config.model.ngff: the config has no key \'ngff\'. Did you mean "ngf" instead '
+          'of "ngff"?') in stderr
   assert not (failed_commands[1] / "new").exists()
 
 
