@@ -138,7 +138,8 @@ def evaluate_checkpoint(workdir, *, step: Optional[int] = None, split: Optional[
   (out / f"{split}_{mode}_step{step}.json").write_text(json.dumps(results, indent=2) + "\n")
   summaries.write_samples(out / f"{split}_{mode}", step, sheet)
   writer = summaries.create_writer(out)
-  writer.write_scalars(step, {f"{split}_{mode}/{name}": means[name] for name in ("l1", "psnr", "ssim")})
+  writer.write_scalars(step, {f"{split}_{mode}/{name}": means[name]
+                              for name in ("l1", "psnr", "ssim")})
   writer.write_images(step, {f"{split}_{mode}/samples": sheet[None]})
   writer.close()
   return results

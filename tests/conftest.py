@@ -20,6 +20,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
+from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+from tensorboard.util import tensor_util  # noqa: E402
 
 from experiments.configs import default  # noqa: E402
 from p2p_jax import checkpoint, trainer  # noqa: E402
@@ -67,6 +69,16 @@ def snapshot(directory):
   """Every file under ``directory`` with its bytes and modification time."""
   return {path: (path.read_bytes(), path.stat().st_mtime_ns)
           for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def tensorboard_events(logdir):
+  """{tag: {step: value}} from the TensorBoard event files in ``logdir`` (images: encoded PNGs)."""
+  accumulator = event_accumulator.EventAccumulator(
+      str(logdir), size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  return {tag: {event.step: tensor_util.make_ndarray(event.tensor_proto)
+                for event in accumulator.Tensors(tag)}
+          for tag in accumulator.Tags()[event_accumulator.TENSORS]}
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 from absl import flags
 from ml_collections import config_flags
@@ -35,7 +36,7 @@ def _command(module, *args):
 
 
 def _train_command(config, workdir, *extra):
-  """experiments.train with the default preset and --config.KEY=VALUE for every key ``config`` changes."""
+  """experiments.train: the default preset, and --config.KEY=VALUE for each key ``config`` changes."""
   defaults = checkpoint.flatten_config(default.get_config())
   overrides = [f"--config.{key}={value}" for key, value in checkpoint.flatten_config(config).items()
                if value != defaults[key]]
@@ -53,7 +54,7 @@ def _load_preset(name):
 
 @pytest.fixture(scope="module")
 def failed_commands(finished_run, tmp_path_factory):
-  """Entry points given bad arguments, run at once: {name: (returncode, stderr)}; and a workdir copy."""
+  """Entry points given bad arguments, all started at once; .results: {name: (returncode, stderr)}."""
   config, workdir = finished_run
   tmp = tmp_path_factory.mktemp("cli")
   copy = tmp / "copy"
@@ -71,43 +72,45 @@ def failed_commands(finished_run, tmp_path_factory):
   before = snapshot(copy)
   processes = {name: subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
                for name, command in commands.items()}
-  results = {name: (process.wait(timeout=300), process.stderr.read())
-             for name, process in processes.items()}
-  return results, tmp, before
+  results = {}
+  for name, process in processes.items():
+    _, stderr = process.communicate(timeout=300)
+    results[name] = process.returncode, stderr
+  return types.SimpleNamespace(results=results, tmp=tmp, before=before)
 
 
 def _error_line(failed_commands, name):
-  returncode, stderr = failed_commands[0][name]
+  returncode, stderr = failed_commands.results[name]
   assert returncode != 0, stderr
   assert "Traceback" not in stderr, stderr
   return stderr
 
 
 def test_train_refuses_an_incompatible_workdir_and_leaves_it_untouched(failed_commands):
-  results, tmp, before = failed_commands
   stderr = _error_line(failed_commands, "incompatible")
-  assert (f"error: --workdir {tmp / 'copy'} holds a checkpoint of a different run (config.model.ngf: "
+  copy = failed_commands.tmp / "copy"
+  assert (f"error: --workdir {copy} holds a checkpoint of a different run (config.model.ngf: "
           "8 in the checkpoint, 16 now). It was left untouched") in stderr
-  assert snapshot(tmp / "copy") == before
+  assert snapshot(copy) == failed_commands.before
 
 
 def test_train_wants_all_three_multi_host_flags_or_none(failed_commands):
   stderr = _error_line(failed_commands, "multihost")
   assert ("--coordinator_address given without --num_processes, --process_id: a multi-host run "
           "needs all three.") in stderr
-  assert not (failed_commands[1] / "new").exists()
+  assert not (failed_commands.tmp / "new").exists()
 
 
 def test_train_names_a_config_override_of_no_key(failed_commands):
   stderr = _error_line(failed_commands, "typo")
   assert ('error: --config.model.ngff: the config has no key \'ngff\'. Did you mean "ngf" instead '
           'of "ngff"?') in stderr
-  assert not (failed_commands[1] / "new").exists()
+  assert not (failed_commands.tmp / "new").exists()
 
 
 def test_translate_names_a_missing_input(failed_commands):
   stderr = _error_line(failed_commands, "translate")
-  assert f"error: --input {failed_commands[1] / 'missing.png'}: no such file or folder." in stderr
+  assert f"error: --input {failed_commands.tmp / 'missing.png'}: no such file or folder." in stderr
 
 
 def test_evaluate_names_a_step_without_checkpoint(finished_run, failed_commands):
@@ -119,7 +122,9 @@ def test_evaluate_names_a_step_without_checkpoint(finished_run, failed_commands)
 def _committed_steps(workdir):
   """The checkpoint steps orbax has finished writing (it renames each into place when done)."""
   checkpoints = checkpoint.checkpoint_dir(workdir)
-  return [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.is_dir() else []
+  if not checkpoints.is_dir():
+    return []
+  return [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()]
 
 
 def _wait_for(condition, process, log, timeout=300):

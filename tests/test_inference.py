@@ -6,11 +6,10 @@ import re
 import numpy as np
 from PIL import Image
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.util import tensor_util
 
 from p2p_jax import inference
 from p2p_jax.datasets import synthetic
+from tests.conftest import tensorboard_events
 
 
 def _save(path, mode, size, seed=0):
@@ -74,7 +73,8 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
   levels = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)  # 0, 257, ..., 65535
   Image.fromarray(levels).save(tmp_path / "depth.png")
   rgb = np.asarray(inference.read_rgb(tmp_path / "depth.png"))
-  np.testing.assert_array_equal(rgb, np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, -1))
+  expected = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=-1)
+  np.testing.assert_array_equal(rgb, expected)
 
 
 def test_every_unreadable_input_is_named_before_anything_is_written(inputs, finished_run, tmp_path):
@@ -110,18 +110,9 @@ def test_bad_arguments_are_named(inputs, finished_run, tmp_path, where, message)
           "file": (workdir, inputs, inputs / "wide.jpg"),
           "batch": (workdir, inputs, tmp_path / "out"),
           "workdir": (tmp_path, inputs, tmp_path / "out")}[where]
-  with pytest.raises((ValueError, FileNotFoundError),
-                     match=message.format(tmp=re.escape(str(tmp_path)), inputs=re.escape(str(inputs)))):
+  message = message.format(tmp=re.escape(str(tmp_path)), inputs=re.escape(str(inputs)))
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
     inference.translate_paths(*args, batch_size=0 if where == "batch" else 8)
-
-
-def _scalars(logdir):
-  accumulator = event_accumulator.EventAccumulator(
-      str(logdir), size_guidance={event_accumulator.TENSORS: 0})
-  accumulator.Reload()
-  return {tag: [(event.step, float(tensor_util.make_ndarray(event.tensor_proto)))
-                for event in accumulator.Tensors(tag)]
-          for tag in accumulator.Tags()[event_accumulator.TENSORS] if not tag.endswith("samples")}
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +132,10 @@ def test_evaluate_writes_json_tensorboard_and_a_sheet(finished_run, evaluated):
   with Image.open(out / "test_eval" / "step_00000005.png") as sheet:
     assert sheet.size == (4 * config.crop_size, config.num_sample_images * config.crop_size)
   assert "step_00000005.png" in (out / "test_eval" / "index.html").read_text()
-  scalars = _scalars(out)
+  events = tensorboard_events(out)
   for name in ("l1", "psnr", "ssim"):
-    assert (5, pytest.approx(results[name])) in scalars[f"test_eval/{name}"]
+    assert events[f"test_eval/{name}"][5] == pytest.approx(results[name])
+  assert 5 in events["test_eval/samples"]
 
 
 def test_evaluate_an_older_checkpoint(finished_run, evaluated):
@@ -153,7 +145,7 @@ def test_evaluate_an_older_checkpoint(finished_run, evaluated):
   out = workdir / inference.EVAL_DIR
   assert json.loads((out / "test_eval_step4.json").read_text()) == older
   assert (out / "test_eval" / "step_00000004.png").is_file()
-  assert (4, pytest.approx(older["psnr"])) in _scalars(out)["test_eval/psnr"]
+  assert tensorboard_events(out)["test_eval/psnr"][4] == pytest.approx(older["psnr"])
 
 
 def test_evaluate_in_paper_mode_differs(finished_run, evaluated):

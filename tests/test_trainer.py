@@ -1,4 +1,4 @@
-"""train_and_evaluate on the synthetic dataset: cadences, outputs, exact resumption, stops, refusals."""
+"""train_and_evaluate on synthetic data: cadences, outputs, exact resumption, stops, refusals."""
 
 import os
 import re
@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
 
 from p2p_jax import checkpoint, input_pipeline, summaries, train, trainer
-from tests.conftest import checkpoint_steps, run_config, snapshot
+from p2p_jax.datasets import synthetic
+from tests.conftest import checkpoint_steps, run_config, snapshot, tensorboard_events
 
 
 def _assert_states_equal(actual, expected):
@@ -22,14 +22,6 @@ def _assert_states_equal(actual, expected):
   assert treedef == expected_treedef
   for leaf, expected_leaf in zip(leaves, expected_leaves):
     np.testing.assert_array_equal(leaf, expected_leaf)
-
-
-def _events(logdir):
-  accumulator = event_accumulator.EventAccumulator(
-      str(logdir), size_guidance={event_accumulator.TENSORS: 0})
-  accumulator.Reload()
-  return {tag: [event.step for event in accumulator.Tensors(tag)]
-          for tag in accumulator.Tags()[event_accumulator.TENSORS]}
 
 
 class _Stream:
@@ -64,29 +56,43 @@ def _sigterm(batch):
 
 def test_keeps_the_latest_checkpoints_saved_every_n_steps_and_at_the_end(finished_run):
   config, workdir = finished_run
-  assert checkpoint_steps(workdir) == [4, 5]  # 2 and 4 by the cadence, 5 at the end; 2 dropped (keep 2).
+  assert checkpoint_steps(workdir) == [4, 5]  # 2 and 4 by the cadence, 5 at the end; 2 not kept.
   assert int(checkpoint.load_state(workdir).step) == 5
   assert int(checkpoint.load_state(workdir, step=4).step) == 4
-  assert checkpoint.load_config(workdir).steps_per_epoch == 256 // config.batch_size
+  saved = checkpoint.load_config(workdir)
+  assert saved.steps_per_epoch == synthetic.SPLITS["train"] // config.batch_size
 
 
 def test_tensorboard_has_the_losses_and_the_sample_sheets(finished_run):
   _, workdir = finished_run
-  events = _events(workdir)
+  events = tensorboard_events(workdir)
   for name in train.METRIC_NAMES + ("learning_rate",):
-    assert events[name] == [2, 4, 5], name  # every log_every_steps, and with the last checkpoint
-  assert events["steps_per_second"] == [4, 5]
-  assert events["samples"] == [3, 5]
+    assert sorted(events[name]) == [2, 4, 5], name  # every log_every_steps, and at the last save
+    assert all(np.isfinite(value) for value in events[name].values()), name
+  assert sorted(events["steps_per_second"]) == [4, 5]
+  assert sorted(events["samples"]) == [3, 5]
 
 
-def test_sample_sheets_show_four_columns_over_time(finished_run):
+def test_sample_sheets_show_the_same_eval_images_over_time(finished_run):
+  """Columns input | generated | target | |error|, for a fixed set of eval images."""
   config, workdir = finished_run
   samples = workdir / summaries.SAMPLES_DIR
-  sheets = sorted(p.name for p in samples.glob("step_*.png"))
-  assert sheets == ["step_00000003.png", "step_00000005.png"]
-  with Image.open(samples / sheets[0]) as sheet:
-    size = config.crop_size
-    assert sheet.size == (4 * size, config.num_sample_images * size)
+  names = sorted(p.name for p in samples.glob("step_*.png"))
+  assert names == ["step_00000003.png", "step_00000005.png"]
+  size = config.crop_size
+  sheets = []
+  for name in names:
+    with Image.open(samples / name) as sheet:
+      sheets.append(np.asarray(sheet).astype(int))
+  assert sheets[0].shape == (config.num_sample_images * size, 4 * size, 3)
+  inputs, generated, targets, errors = (
+      [sheet[:, i * size:(i + 1) * size] for sheet in sheets] for i in range(4))
+  np.testing.assert_array_equal(inputs[0], inputs[1])
+  np.testing.assert_array_equal(targets[0], targets[1])
+  assert not np.array_equal(generated[0], generated[1])
+  for gen, target, error in zip(generated, targets, errors):
+    np.testing.assert_allclose(error, np.abs(gen - target).mean(-1, keepdims=True).repeat(3, -1),
+                               atol=2)
   index = (samples / "index.html").read_text()
   assert index.index('src="step_00000005.png"') < index.index('src="step_00000003.png"')
 
@@ -99,7 +105,8 @@ def test_running_a_finished_run_again_changes_nothing(finished_run):
   assert snapshot(workdir) == before
 
 
-def test_a_run_stopped_by_sigterm_resumes_exactly_where_it_stopped(tmp_path, finished_run, monkeypatch):
+def test_a_run_stopped_by_sigterm_resumes_exactly_where_it_stopped(tmp_path, finished_run,
+                                                                    monkeypatch):
   """Stopped after step 3 and run again with the same config: bit for bit the uninterrupted run."""
   config, finished = finished_run
   workdir = tmp_path / "stopped"
@@ -121,7 +128,8 @@ def test_a_run_stopped_by_sigterm_resumes_exactly_where_it_stopped(tmp_path, fin
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_set_up_stops_before_the_first_step(tmp_path, synthetic_dir, monkeypatch, signum):
+def test_a_signal_during_set_up_stops_before_the_first_step(tmp_path, synthetic_dir, monkeypatch,
+                                                             signum):
   """Without the trainer's handler this test's own handler would raise."""
   make_train_dataset = input_pipeline.make_train_dataset
 
@@ -201,7 +209,8 @@ def test_an_incompatible_config_is_refused_and_the_checkpoints_untouched(tmp_pat
      r"config.num_epochs=0 with config.num_train_steps=-1: set one of them to a positive number"),
     (dict(direction="up"), r"config.direction must be one of \('AtoB', 'BtoA'\), got 'up'"),
 ])
-def test_a_bad_config_is_named_before_anything_is_written(tmp_path, synthetic_dir, overrides, message):
+def test_a_bad_config_is_named_before_anything_is_written(tmp_path, synthetic_dir, overrides,
+                                                          message):
   config = run_config(synthetic_dir)
   config.update(overrides)
   with pytest.raises(ValueError, match=message):
