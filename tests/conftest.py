@@ -18,7 +18,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
+import jax  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 from tensorboard.util import tensor_util  # noqa: E402
@@ -59,6 +61,15 @@ def run_config(data_dir, **overrides) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.update(overrides)
   return config
+
+
+def assert_states_equal(actual, expected):
+  """Bit for bit, leaf by leaf (step, RNG, parameters, batch statistics, both optimisers)."""
+  leaves, treedef = jax.tree_util.tree_flatten(jax.device_get(actual))
+  expected_leaves, expected_treedef = jax.tree_util.tree_flatten(jax.device_get(expected))
+  assert treedef == expected_treedef
+  for leaf, expected_leaf in zip(leaves, expected_leaves):
+    np.testing.assert_array_equal(leaf, expected_leaf)
 
 
 def checkpoint_steps(workdir):

@@ -15,7 +15,7 @@ import pytest
 
 from experiments.configs import default
 from p2p_jax import checkpoint, input_pipeline, trainer
-from tests.conftest import checkpoint_steps, run_config, snapshot
+from tests.conftest import assert_states_equal, checkpoint_steps, run_config, snapshot
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "experiments" / "configs"
@@ -135,10 +135,15 @@ def _wait_for(condition, process, log, timeout=300):
     time.sleep(0.2)
 
 
-def test_sigterm_and_sigint_save_exit_0_and_the_same_command_resumes(tmp_path, synthetic_dir):
-  """Stopped by SIGTERM once training runs, resumed by the same command and stopped by SIGINT."""
-  config = run_config(synthetic_dir, num_train_steps=100_000, checkpoint_every_steps=3,
-                      log_every_steps=1, sample_every_steps=100_000, keep_checkpoints=100)
+def test_sigterm_and_sigint_save_exit_0_and_the_same_command_resumes_exactly(tmp_path,
+                                                                            synthetic_dir):
+  """SIGTERM, then SIGINT to a real run: saved, status 0, and the same command resumes.
+
+  The state after both stops is, bit for bit, that of a run to the same step in one go.
+  """
+  cadences = dict(checkpoint_every_steps=3, log_every_steps=1, sample_every_steps=100_000,
+                  keep_checkpoints=100)
+  config = run_config(synthetic_dir, num_train_steps=100_000, **cadences)
   workdir = tmp_path / "run"
   command = _train_command(config, workdir)
   stopped_at = 0
@@ -167,6 +172,10 @@ def test_sigterm_and_sigint_save_exit_0_and_the_same_command_resumes(tmp_path, s
     assert re.search(r"\| \d+/100000 \[[\d:]+<[\d:]+, +[\d.]+(step/s|s/step)", text), text
     assert re.search(rf"\[{stopped_at}\] d_fake=[\d.]+, d_loss=[\d.]+, d_real=[\d.]+, g_gan=[\d.]+,"
                      r" g_l1=[\d.]+, g_loss=[\d.]+", text), text
+  uninterrupted = tmp_path / "uninterrupted"
+  trainer.train_and_evaluate(run_config(synthetic_dir, num_train_steps=stopped_at, **cadences),
+                             uninterrupted)
+  assert_states_equal(checkpoint.load_state(workdir), checkpoint.load_state(uninterrupted))
 
 
 def test_every_preset_loads_and_passes_validation():

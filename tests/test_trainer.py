@@ -13,15 +13,8 @@ import pytest
 
 from p2p_jax import checkpoint, input_pipeline, summaries, train, trainer
 from p2p_jax.datasets import synthetic
-from tests.conftest import checkpoint_steps, run_config, snapshot, tensorboard_events
-
-
-def _assert_states_equal(actual, expected):
-  leaves, treedef = jax.tree_util.tree_flatten(jax.device_get(actual))
-  expected_leaves, expected_treedef = jax.tree_util.tree_flatten(jax.device_get(expected))
-  assert treedef == expected_treedef
-  for leaf, expected_leaf in zip(leaves, expected_leaves):
-    np.testing.assert_array_equal(leaf, expected_leaf)
+from tests.conftest import (assert_states_equal, checkpoint_steps, run_config, snapshot,
+                            tensorboard_events)
 
 
 class _Stream:
@@ -124,7 +117,7 @@ def test_a_run_stopped_by_sigterm_resumes_exactly_where_it_stopped(tmp_path, fin
   trainer.train_and_evaluate(config, workdir)
   assert start_steps == [0, 3]
   assert checkpoint_steps(workdir) == [4, 5]
-  _assert_states_equal(checkpoint.load_state(workdir), checkpoint.load_state(finished))
+  assert_states_equal(checkpoint.load_state(workdir), checkpoint.load_state(finished))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
