@@ -10,6 +10,7 @@ import time
 import types
 
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 import pytest
 
@@ -29,6 +30,13 @@ PAPER_PRESETS = {
     "edges2handbags.py": ("pix2pix/edges2handbags", "AtoB", 15, 4),
     "night2day.py": ("pix2pix/night2day", "BtoA", 17, 4),  # day -> night: B is the day photo
 }
+
+
+# Keys the issue fixes, which scripts and overrides may rely on.
+FIXED_KEYS = {"dataset", "train_split", "eval_split", "direction", "load_size", "crop_size",
+              "batch_size", "seed", "num_epochs", "num_train_steps", "log_every_steps",
+              "checkpoint_every_steps", "sample_every_steps", "keep_checkpoints"}
+GROUPS = ("model", "loss", "optim")
 
 
 def _command(module, *args):
@@ -184,6 +192,8 @@ def test_every_preset_loads_and_passes_validation():
   assert presets == {name.split(":")[0] for name in PAPER_PRESETS} | {"default.py", "demo.py"}
   for name in sorted(presets | set(PAPER_PRESETS)):
     config = _load_preset(name)
+    assert FIXED_KEYS <= set(config.keys()), name
+    assert all(isinstance(config[group], ml_collections.ConfigDict) for group in GROUPS), name
     input_pipeline.validate_config(config, process_count=1)
     assert config.num_train_steps <= 0, name  # the epochs count
 
