@@ -12,7 +12,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from p2p_jax import checkpoint, runtime, trainer
+from p2p_jax import checkpoint, input_pipeline, runtime, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/configs/demo.py.",
@@ -39,6 +39,21 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
 
 
+def parse_flags(argv):
+  """absl's flag parser; an override of a key the config lacks is an error line, not a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:  # What ml_collections raises for such a key.
+    while error.args and isinstance(error.args[0], BaseException):
+      error = error.args[0]
+    key, _, hint = str(error.args[0] if error.args else error).partition("\n")
+    key = key.strip("'")
+    given = [name for name in (arg.split("=")[0] for arg in argv if arg.startswith("--config."))
+             if key in name.split(".")]
+    sys.exit(f"error: {', '.join(given) or '--config.' + key}: the config has no key {key!r}. "
+             f"{hint}".strip())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -49,9 +64,10 @@ def main(argv):
                jax.process_count(), jax.local_devices())
   try:
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, trainer.NonFiniteError) as error:
+  except (ValueError, OSError, input_pipeline.DatasetUnavailableError,
+          trainer.NonFiniteError) as error:  # OSError: e.g. a --workdir that cannot be written.
     sys.exit(f"error: {error}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -107,21 +107,24 @@ def restore(manager: ocp.CheckpointManager, step: int, config: ml_collections.Co
   return restored[STATE], restored[DATA]["start_step"]
 
 
-def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
+def flatten_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+  """Every value of ``config`` under its dotted key, e.g. ``{"model.ngf": 64, ...}``."""
+  def flatten(tree, prefix):
+    flat = {}
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        flat.update(flatten(value, f"{prefix}{key}."))
+      else:
+        flat[f"{prefix}{key}"] = value
+    return flat
+  return flatten(config.to_dict(), "")
 
 
 def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
                      where: str) -> None:
   """Raises a ValueError naming every key outside RESUMABLE_KEYS that differs."""
   missing = "<absent>"
-  old, new = _flatten(saved.to_dict()), _flatten(config.to_dict())
+  old, new = flatten_config(saved), flatten_config(config)
   differing = sorted(key for key in old.keys() | new.keys()
                      if key not in RESUMABLE_KEYS and old.get(key, missing) != new.get(key, missing))
   if differing:

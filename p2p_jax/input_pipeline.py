@@ -30,6 +30,10 @@ PREPROCESS_MODES = ("resize_and_crop", "crop", "scale_width", "none")
 DIRECTIONS = ("AtoB", "BtoA")
 
 
+class DatasetUnavailableError(RuntimeError):
+  """A TFDS dataset could not be downloaded or built; the message says where to put its archive."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PairSource:
   """Random access to the encoded pairs of one split.
@@ -144,7 +148,7 @@ def _tfds_source(name: str, split: str, data_dir: str) -> PairSource:
   try:
     builder.download_and_prepare(file_format="array_record")
   except Exception as error:  # pylint: disable=broad-except
-    raise RuntimeError(
+    raise DatasetUnavailableError(
         f"Could not prepare {name} in {builder.data_dir}: {type(error).__name__}: {error}\n"
         f"With no network, put {config_name}.tar.gz from {pix2pix.URL.format(name=config_name)} "
         f"into {pathlib.Path(builder.data_dir_root) / 'downloads' / 'manual'} and run again.") from error

@@ -115,8 +115,8 @@ class _StopRequest:
     if self.signal_name is not None:
       raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name})")
     self.signal_name = signal.Signals(signum).name
-    logging.warning("Got %s: saving a checkpoint after the current step, then stopping "
-                    "(send it again to stop without saving).", self.signal_name)
+    logging.warning("Got %s: stopping after the current step, with a checkpoint of it (send it "
+                    "again to stop at once, without saving).", self.signal_name)
 
   @contextlib.contextmanager
   def installed(self):
@@ -195,6 +195,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> train.Trai
   ``samples/`` (sample sheets and ``index.html``). Stops early, after saving,
   on SIGTERM or SIGINT; raises NonFiniteError on a non-finite loss.
   """
+  # From the start: a signal during set-up (data, restore, compilation) must
+  # not kill the process, it only stops it before the first step.
+  stop = _StopRequest()
+  with stop.installed():
+    return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(config, workdir, stop: _StopRequest) -> train.TrainState:
   workdir = pathlib.Path(workdir).expanduser().absolute()
   config = prepare_config(config)
   mesh = make_mesh()
@@ -240,29 +248,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> train.Trai
                            f"checkpoints in {checkpoints} are kept; lower config.optim.lr.")
     checkpoint.save(manager, state, step, config)
 
-  stop = _StopRequest()
+  if stop.agreed(at_sync_point=True):
+    logging.warning("Stopped by %s before step %d; nothing new to save in %s.", stop.signal_name,
+                    start_step + 1, checkpoints)
+    return state
   progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", disable=not is_main,
                        dynamic_ncols=True)
   try:
-    with stop.installed():
-      for step in range(start_step + 1, num_steps + 1):
-        batch = jax.tree_util.tree_map(
-            lambda x: jax.make_array_from_process_local_data(batch_sharding, x), next(batches))
-        state, step_metrics = step_fn(state, batch)
-        log.add(step, step_metrics)
-        progress.update()
-        stopping = stop.agreed(at_sync_point=step % config.log_every_steps == 0)
-        if step % config.log_every_steps == 0:
-          scalars = log.flush(step, checkpoints)
-          progress.set_postfix({k: f"{scalars[k]:.3g}" for k in ("d_loss", "g_gan", "g_l1")})
-        if step % config.sample_every_steps == 0 or step == num_steps:
-          write_samples(state, step)
-        if step % config.checkpoint_every_steps == 0 or step == num_steps or stopping:
-          save(state, step)
-        if stopping:
-          logging.warning("Stopped by %s after step %d; saved a checkpoint in %s.",
-                          stop.signal_name, step, checkpoints)
-          break
+    for step in range(start_step + 1, num_steps + 1):
+      batch = jax.tree_util.tree_map(
+          lambda x: jax.make_array_from_process_local_data(batch_sharding, x), next(batches))
+      state, step_metrics = step_fn(state, batch)
+      log.add(step, step_metrics)
+      progress.update()
+      stopping = stop.agreed(at_sync_point=step % config.log_every_steps == 0)
+      if step % config.log_every_steps == 0:
+        scalars = log.flush(step, checkpoints)
+        progress.set_postfix({k: f"{scalars[k]:.3g}" for k in ("d_loss", "g_gan", "g_l1")})
+      if step % config.sample_every_steps == 0 or step == num_steps:
+        write_samples(state, step)
+      if step % config.checkpoint_every_steps == 0 or step == num_steps or stopping:
+        save(state, step)
+      if stopping:
+        logging.warning("Stopped by %s after step %d; saved a checkpoint in %s.",
+                        stop.signal_name, step, checkpoints)
+        break
   finally:
     progress.close()
     manager.wait_until_finished()

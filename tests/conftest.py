@@ -1,15 +1,32 @@
-"""Test set-up: four fake CPU devices, so pmap and sharding tests run anywhere."""
+"""Test set-up: four fake CPU devices, so pmap and sharding tests run anywhere.
 
+Compiled programs go to a persistent XLA cache for the session (also read by
+the subprocesses the tests start): the training tests compile the same tiny
+networks many times, and every compile after the first becomes a file read.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is first imported by any test module.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="p2p_jax-test-xla-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
+import jax  # noqa: E402
 import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+from tensorboard.util import tensor_util  # noqa: E402
 
 from experiments.configs import default  # noqa: E402
+from p2p_jax import checkpoint, trainer  # noqa: E402
 
 
 def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
@@ -28,6 +45,69 @@ def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
   return config
 
 
+def run_config(data_dir, **overrides) -> ml_collections.ConfigDict:
+  """tiny_config for train_and_evaluate: 5 steps of one example per fake device.
+
+  Checkpoints every 2 steps keeping 2, logs every 2, samples every 3, so a
+  finished run shows each cadence and the save at the end (steps 4 and 5 kept).
+  """
+  config = tiny_config()
+  config.data_dir = str(data_dir)
+  config.batch_size = 4
+  config.num_train_steps = 5
+  config.log_every_steps = 2
+  config.checkpoint_every_steps = 2
+  config.sample_every_steps = 3
+  config.keep_checkpoints = 2
+  config.update(overrides)
+  return config
+
+
+def assert_states_equal(actual, expected):
+  """Bit for bit, leaf by leaf (step, RNG, parameters, batch statistics, both optimisers)."""
+  leaves, treedef = jax.tree_util.tree_flatten(jax.device_get(actual))
+  expected_leaves, expected_treedef = jax.tree_util.tree_flatten(jax.device_get(expected))
+  assert treedef == expected_treedef
+  for leaf, expected_leaf in zip(leaves, expected_leaves):
+    np.testing.assert_array_equal(leaf, expected_leaf)
+
+
+def checkpoint_steps(workdir):
+  return checkpoint.make_manager(workdir, create=False).all_steps()
+
+
+def snapshot(directory):
+  """Every file under ``directory`` with its bytes and modification time."""
+  return {path: (path.read_bytes(), path.stat().st_mtime_ns)
+          for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def tensorboard_events(logdir):
+  """{tag: {step: value}} from the TensorBoard event files in ``logdir`` (images: encoded PNGs)."""
+  accumulator = event_accumulator.EventAccumulator(
+      str(logdir), size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  return {tag: {event.step: tensor_util.make_ndarray(event.tensor_proto)
+                for event in accumulator.Tensors(tag)}
+          for tag in accumulator.Tags()[event_accumulator.TENSORS]}
+
+
 @pytest.fixture
 def config():
   return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+  """config.data_dir of every training test: the synthetic dataset is made once, in tmp."""
+  return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, synthetic_dir):
+  """(config, workdir) of a finished run_config run, shared by the trainer and entry point tests."""
+  checkpoint.quiet_orbax_logs()
+  config = run_config(synthetic_dir)
+  workdir = tmp_path_factory.mktemp("finished")
+  trainer.train_and_evaluate(config, workdir)
+  return config, workdir

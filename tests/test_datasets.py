@@ -74,7 +74,7 @@ def test_no_network_and_no_archive_says_where_to_put_it(tmp_path, monkeypatch):
     raise ConnectionError(f"no network for {url}")
 
   monkeypatch.setattr(tfds.download.DownloadManager, "download", offline)
-  with pytest.raises(RuntimeError, match=(
+  with pytest.raises(input_pipeline.DatasetUnavailableError, match=(
       r"(?s)Could not prepare pix2pix/facades .*no network for http://efrosgans.eecs.berkeley.edu/pix2pix/datasets/"
       rf"facades.tar.gz.*put facades.tar.gz .* into {tmp_path}/downloads/manual")):
     input_pipeline.num_examples(_config(tmp_path), "train")

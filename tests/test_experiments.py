@@ -1,0 +1,230 @@
+"""The entry points as users run them (subprocesses), and the presets in experiments/configs."""
+
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+import pytest
+
+from experiments.configs import default
+from p2p_jax import checkpoint, input_pipeline, trainer
+from tests.conftest import assert_states_equal, checkpoint_steps, run_config, snapshot
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "experiments" / "configs"
+# The paper's appendix (section 6.3): dataset, direction, epochs, batch size.
+PAPER_PRESETS = {
+    "facades.py": ("pix2pix/facades", "BtoA", 200, 1),
+    "cityscapes.py": ("pix2pix/cityscapes", "BtoA", 200, 1),
+    "maps.py:AtoB": ("pix2pix/maps", "AtoB", 200, 1),
+    "maps.py:BtoA": ("pix2pix/maps", "BtoA", 200, 1),
+    "edges2shoes.py": ("pix2pix/edges2shoes", "AtoB", 15, 4),
+    "edges2handbags.py": ("pix2pix/edges2handbags", "AtoB", 15, 4),
+    "night2day.py": ("pix2pix/night2day", "BtoA", 17, 4),  # day -> night: B is the day photo
+}
+
+
+# Keys the issue fixes, which scripts and overrides may rely on.
+FIXED_KEYS = {"dataset", "train_split", "eval_split", "direction", "load_size", "crop_size",
+              "batch_size", "seed", "num_epochs", "num_train_steps", "log_every_steps",
+              "checkpoint_every_steps", "sample_every_steps", "keep_checkpoints"}
+GROUPS = ("model", "loss", "optim")
+
+
+def _command(module, *args):
+  return [sys.executable, "-m", f"experiments.{module}", *map(str, args)]
+
+
+def _train_command(config, workdir, *extra):
+  """experiments.train: the default preset, and --config.KEY=VALUE for each key ``config`` changes."""
+  defaults = checkpoint.flatten_config(default.get_config())
+  overrides = [f"--config.{key}={value}" for key, value in checkpoint.flatten_config(config).items()
+               if value != defaults[key]]
+  return _command("train", "--config", CONFIGS / "default.py", *overrides, "--workdir", workdir,
+                  *extra)
+
+
+def _load_preset(name):
+  """The preset as experiments.train loads it (``file.py:argument`` included)."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True)
+  flag_values(["train", f"--config={CONFIGS / name}"])
+  return flag_values.config
+
+
+@pytest.fixture(scope="module")
+def failed_commands(finished_run, tmp_path_factory):
+  """Entry points given bad arguments, all started at once; .results: {name: (returncode, stderr)}."""
+  config, workdir = finished_run
+  tmp = tmp_path_factory.mktemp("cli")
+  copy = tmp / "copy"
+  shutil.copytree(checkpoint.checkpoint_dir(workdir), checkpoint.checkpoint_dir(copy))
+  other = config.copy_and_resolve_references()
+  other.model.ngf = 16
+  commands = {
+      "incompatible": _train_command(other, copy),
+      "multihost": _train_command(config, tmp / "new", "--coordinator_address=localhost:1234"),
+      "typo": _train_command(config, tmp / "new", "--config.model.ngff=16"),
+      "translate": _command("translate", "--workdir", workdir, "--input", tmp / "missing.png",
+                            "--output", tmp / "out"),
+      "evaluate": _command("evaluate", "--workdir", workdir, "--step", 3),
+  }
+  before = snapshot(copy)
+  processes = {name: subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+               for name, command in commands.items()}
+  results = {}
+  for name, process in processes.items():
+    _, stderr = process.communicate(timeout=300)
+    results[name] = process.returncode, stderr
+  return types.SimpleNamespace(results=results, tmp=tmp, before=before)
+
+
+def _error_line(failed_commands, name):
+  returncode, stderr = failed_commands.results[name]
+  assert returncode != 0, stderr
+  assert "Traceback" not in stderr, stderr
+  return stderr
+
+
+def test_train_refuses_an_incompatible_workdir_and_leaves_it_untouched(failed_commands):
+  stderr = _error_line(failed_commands, "incompatible")
+  copy = failed_commands.tmp / "copy"
+  assert (f"error: --workdir {copy} holds a checkpoint of a different run (config.model.ngf: "
+          "8 in the checkpoint, 16 now). It was left untouched") in stderr
+  assert snapshot(copy) == failed_commands.before
+
+
+def test_train_wants_all_three_multi_host_flags_or_none(failed_commands):
+  stderr = _error_line(failed_commands, "multihost")
+  assert ("--coordinator_address given without --num_processes, --process_id: a multi-host run "
+          "needs all three.") in stderr
+  assert not (failed_commands.tmp / "new").exists()
+
+
+def test_train_names_a_config_override_of_no_key(failed_commands):
+  stderr = _error_line(failed_commands, "typo")
+  assert ('error: --config.model.ngff: the config has no key \'ngff\'. Did you mean "ngf" instead '
+          'of "ngff"?') in stderr
+  assert not (failed_commands.tmp / "new").exists()
+
+
+def test_translate_names_a_missing_input(failed_commands):
+  stderr = _error_line(failed_commands, "translate")
+  assert f"error: --input {failed_commands.tmp / 'missing.png'}: no such file or folder." in stderr
+
+
+def test_evaluate_names_a_step_without_checkpoint(finished_run, failed_commands):
+  stderr = _error_line(failed_commands, "evaluate")
+  checkpoints = checkpoint.checkpoint_dir(finished_run[1])
+  assert f"error: No checkpoint for step 3 in {checkpoints}; it holds steps [4, 5]." in stderr
+
+
+def _committed_steps(workdir):
+  """The checkpoint steps orbax has finished writing (it renames each into place when done)."""
+  checkpoints = checkpoint.checkpoint_dir(workdir)
+  if not checkpoints.is_dir():
+    return []
+  return [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()]
+
+
+def _wait_for(condition, process, log, timeout=300):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    assert process.poll() is None, f"exited with {process.returncode}:\n{log.read_text()}"
+    assert time.monotonic() < deadline, f"timed out:\n{log.read_text()}"
+    time.sleep(0.2)
+
+
+def test_sigterm_and_sigint_save_exit_0_and_the_same_command_resumes_exactly(tmp_path,
+                                                                            synthetic_dir):
+  """SIGTERM, then SIGINT to a real run: saved, status 0, and the same command resumes.
+
+  The state after both stops is, bit for bit, that of a run to the same step in one go.
+  """
+  cadences = dict(checkpoint_every_steps=3, log_every_steps=1, sample_every_steps=100_000,
+                  keep_checkpoints=100)
+  config = run_config(synthetic_dir, num_train_steps=100_000, **cadences)
+  workdir = tmp_path / "run"
+  command = _train_command(config, workdir)
+  stopped_at = 0
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    log = tmp_path / f"{signum.name}.log"
+    with log.open("w") as output:
+      process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+    try:
+      previous = stopped_at
+      _wait_for(lambda: any(step > previous for step in _committed_steps(workdir)), process, log)
+      process.send_signal(signum)
+      returncode = process.wait(timeout=120)
+    finally:
+      process.kill()
+    text = log.read_text()
+    assert returncode == 0, text
+    assert "Traceback" not in text, text
+    stopped_at = int(re.search(rf"Stopped by {signum.name} after step (\d+); saved a checkpoint",
+                               text).group(1))
+    assert stopped_at > previous
+    assert checkpoint_steps(workdir)[-1] == stopped_at
+    assert int(checkpoint.load_state(workdir).step) == stopped_at
+    if previous:
+      assert f"Resuming from the checkpoint of step {previous} in" in text
+    # A progress bar with the rate and the time left, and the losses of every step.
+    assert re.search(r"\| \d+/100000 \[[\d:]+<[\d:]+, +[\d.]+(step/s|s/step)", text), text
+    assert re.search(rf"\[{stopped_at}\] d_fake=[\d.]+, d_loss=[\d.]+, d_real=[\d.]+, g_gan=[\d.]+,"
+                     r" g_l1=[\d.]+, g_loss=[\d.]+", text), text
+  uninterrupted = tmp_path / "uninterrupted"
+  trainer.train_and_evaluate(run_config(synthetic_dir, num_train_steps=stopped_at, **cadences),
+                             uninterrupted)
+  assert_states_equal(checkpoint.load_state(workdir), checkpoint.load_state(uninterrupted))
+
+
+def test_every_preset_loads_and_passes_validation():
+  """Each file in experiments/configs is checked here, the paper's ones against the paper."""
+  presets = {path.name for path in CONFIGS.glob("*.py")} - {"__init__.py"}
+  assert presets == {name.split(":")[0] for name in PAPER_PRESETS} | {"default.py", "demo.py"}
+  for name in sorted(presets | set(PAPER_PRESETS)):
+    config = _load_preset(name)
+    assert FIXED_KEYS <= set(config.keys()), name
+    assert all(isinstance(config[group], ml_collections.ConfigDict) for group in GROUPS), name
+    input_pipeline.validate_config(config, process_count=1)
+    assert config.num_train_steps <= 0, name  # the epochs count
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PRESETS))
+def test_paper_presets_have_the_papers_settings(name):
+  config = _load_preset(name)
+  dataset, direction, epochs, batch_size = PAPER_PRESETS[name]
+  assert (config.dataset, config.direction, config.num_epochs, config.batch_size) == (
+      dataset, direction, epochs, batch_size)
+  assert config.optim.n_epochs + config.optim.n_epochs_decay == epochs
+  assert (config.optim.lr, config.optim.b1, config.optim.b2) == (2e-4, 0.5, 0.999)
+  assert (config.loss.gan_mode, config.loss.lambda_l1) == ("vanilla", 100.0)
+  assert (config.crop_size, config.model.generator, config.model.num_downs) == (256, "unet", 8)
+  assert (config.model.n_layers_d, config.model.norm, config.model.use_dropout) == (3, "batch", True)
+  jitter = (config.preprocess, config.load_size, config.no_flip)
+  if name.startswith("edges2"):  # the paper lists no jitter or mirroring for these
+    assert jitter[0] == "none" and jitter[2]
+  else:
+    assert jitter == ("resize_and_crop", 286, False)
+
+
+def test_a_maps_direction_other_than_atob_or_btoa_is_named():
+  with pytest.raises(flags.IllegalFlagValueError, match=(
+      r"maps.py:north: the direction after the colon must be one of \('AtoB', 'BtoA'\)")):
+    _load_preset("maps.py:north")
+
+
+def test_the_demo_is_synthetic_and_small(synthetic_dir):
+  config = _load_preset("demo.py")
+  config.data_dir = str(synthetic_dir)
+  config = trainer.prepare_config(config)
+  assert config.dataset == "synthetic" and config.crop_size <= 64
+  assert trainer.total_steps(config) == 10 * 256 // config.batch_size

@@ -1,0 +1,167 @@
+"""translate_paths and evaluate_checkpoint on a finished run: outputs, modes, steps, named errors."""
+
+import json
+import re
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from p2p_jax import inference
+from p2p_jax.datasets import synthetic
+from tests.conftest import tensorboard_events
+
+
+def _save(path, mode, size, seed=0):
+  rng = np.random.default_rng(seed)
+  channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+  pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+  Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+  """Single images of other sizes and modes than the model's 32x32 RGB, and a file to ignore."""
+  folder = tmp_path_factory.mktemp("inputs")
+  _save(folder / "wide.jpg", "RGB", (48, 20))
+  _save(folder / "grey.png", "L", (33, 61), seed=1)
+  _save(folder / "alpha.PNG", "RGBA", (40, 40), seed=2)
+  (folder / "notes.txt").write_text("not an image")
+  return folder
+
+
+def _pixels(path):
+  with Image.open(path) as image:
+    return np.asarray(image)
+
+
+@pytest.fixture(scope="module")
+def translated(inputs, finished_run, tmp_path_factory):
+  """Both modes over the folder in batches of 2 (so the last batch is padded)."""
+  _, workdir = finished_run
+  return {mode: inference.translate_paths(workdir, inputs, tmp_path_factory.mktemp(mode), mode=mode,
+                                          batch_size=2)
+          for mode in ("eval", "paper")}
+
+
+def test_a_folder_is_translated_back_to_each_input_size(inputs, translated):
+  for mode, written in translated.items():
+    assert [p.name for p in written] == ["alpha.png", "grey.png", "wide.png"], mode
+    for path, source in zip(written, ("alpha.PNG", "grey.png", "wide.jpg")):
+      with Image.open(path) as result, Image.open(inputs / source) as image:
+        assert (result.mode, result.size) == ("RGB", image.size)
+
+
+def test_the_modes_differ_and_paper_mode_is_reproducible(inputs, translated, finished_run, tmp_path):
+  for eval_path, paper_path in zip(translated["eval"], translated["paper"]):
+    assert not np.array_equal(_pixels(eval_path), _pixels(paper_path))
+  _, workdir = finished_run
+  again = inference.translate_paths(workdir, inputs, tmp_path, mode="paper", batch_size=2)
+  for first, second in zip(translated["paper"], again):
+    np.testing.assert_array_equal(_pixels(first), _pixels(second))
+
+
+def test_one_image_with_an_older_checkpoint(inputs, translated, finished_run, tmp_path):
+  _, workdir = finished_run
+  written = inference.translate_paths(workdir, inputs / "wide.jpg", tmp_path, step=4)
+  assert written == [tmp_path / "wide.png"]
+  assert not np.array_equal(_pixels(written[0]), _pixels(translated["eval"][2]))  # step 5's
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+  levels = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)  # 0, 257, ..., 65535
+  Image.fromarray(levels).save(tmp_path / "depth.png")
+  rgb = np.asarray(inference.read_rgb(tmp_path / "depth.png"))
+  expected = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=-1)
+  np.testing.assert_array_equal(rgb, expected)
+
+
+def test_every_unreadable_input_is_named_before_anything_is_written(inputs, finished_run, tmp_path):
+  _, workdir = finished_run
+  folder = tmp_path / "in"
+  folder.mkdir()
+  _save(folder / "good.jpg", "RGB", (32, 32))
+  (folder / "garbage.jpg").write_bytes(b"no image here")
+  data = _save(tmp_path / "whole.png", "RGB", (64, 64)).read_bytes()
+  (folder / "cut.png").write_bytes(data[:len(data) // 2])
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match=(
+      rf"--input {folder}: 2 of 3 images do not decode. Cannot read image {folder}/cut.png: .*; "
+      rf"Cannot read image {folder}/garbage.jpg: cannot identify image file")):
+    inference.translate_paths(workdir, folder, out)
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("where, message", [
+    ("missing", r"--input {tmp}/missing.png: no such file or folder"),
+    ("empty", r"--input {tmp}/empty: no .jpg/.jpeg/.png files in this folder"),
+    ("same", r"--output {inputs} is the input folder: choose another folder"),
+    ("file", r"--output {inputs}/wide.jpg is a file: give a folder"),
+    ("batch", r"--batch_size must be positive, got 0"),
+    ("workdir", r"No checkpoint in {tmp}/checkpoints: train with"),
+])
+def test_bad_arguments_are_named(inputs, finished_run, tmp_path, where, message):
+  _, workdir = finished_run
+  (tmp_path / "empty").mkdir()
+  args = {"missing": (workdir, tmp_path / "missing.png", tmp_path / "out"),
+          "empty": (workdir, tmp_path / "empty", tmp_path / "out"),
+          "same": (workdir, inputs, inputs),
+          "file": (workdir, inputs, inputs / "wide.jpg"),
+          "batch": (workdir, inputs, tmp_path / "out"),
+          "workdir": (tmp_path, inputs, tmp_path / "out")}[where]
+  message = message.format(tmp=re.escape(str(tmp_path)), inputs=re.escape(str(inputs)))
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    inference.translate_paths(*args, batch_size=0 if where == "batch" else 8)
+
+
+@pytest.fixture(scope="module")
+def evaluated(finished_run):
+  _, workdir = finished_run
+  return {step: inference.evaluate_checkpoint(workdir, step=step) for step in (None, 4)}
+
+
+def test_evaluate_writes_json_tensorboard_and_a_sheet(finished_run, evaluated):
+  config, workdir = finished_run
+  results = evaluated[None]
+  assert results["step"] == 5 and results["split"] == "test" and results["mode"] == "eval"
+  assert results["num_images"] == synthetic.SPLITS["test"]
+  assert 0 < results["l1"] < 2 and 0 < results["psnr"] < 60 and -1 < results["ssim"] < 1
+  out = workdir / inference.EVAL_DIR
+  assert json.loads((out / "test_eval_step5.json").read_text()) == results
+  with Image.open(out / "test_eval" / "step_00000005.png") as sheet:
+    assert sheet.size == (4 * config.crop_size, config.num_sample_images * config.crop_size)
+  assert "step_00000005.png" in (out / "test_eval" / "index.html").read_text()
+  events = tensorboard_events(out)
+  for name in ("l1", "psnr", "ssim"):
+    assert events[f"test_eval/{name}"][5] == pytest.approx(results[name])
+  assert 5 in events["test_eval/samples"]
+
+
+def test_evaluate_an_older_checkpoint(finished_run, evaluated):
+  _, workdir = finished_run
+  older = evaluated[4]
+  assert older["step"] == 4 and older["l1"] != evaluated[None]["l1"]
+  out = workdir / inference.EVAL_DIR
+  assert json.loads((out / "test_eval_step4.json").read_text()) == older
+  assert (out / "test_eval" / "step_00000004.png").is_file()
+  assert tensorboard_events(out)["test_eval/psnr"][4] == pytest.approx(older["psnr"])
+
+
+def test_evaluate_in_paper_mode_differs(finished_run, evaluated):
+  _, workdir = finished_run
+  paper = inference.evaluate_checkpoint(workdir, mode="paper", batch_size=16)
+  assert paper["mode"] == "paper" and paper["num_images"] == synthetic.SPLITS["test"]
+  assert paper["l1"] != evaluated[None]["l1"]
+  assert (workdir / inference.EVAL_DIR / "test_paper_step5.json").is_file()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(step=3), r"No checkpoint for step 3 in {workdir}/checkpoints; it holds steps \[4, 5\]"),
+    (dict(split="val"), r"No images for split 'val' of dataset .*synthetic-v1-seed0"),
+    (dict(batch_size=0), r"--batch_size must be positive, got 0"),
+])
+def test_evaluate_names_a_missing_step_or_split(finished_run, kwargs, message):
+  _, workdir = finished_run
+  with pytest.raises(ValueError, match=message.format(workdir=re.escape(str(workdir)))):
+    inference.evaluate_checkpoint(workdir, **kwargs)

@@ -1,0 +1,219 @@
+"""train_and_evaluate on synthetic data: cadences, outputs, exact resumption, stops, refusals."""
+
+import os
+import re
+import shutil
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from p2p_jax import checkpoint, input_pipeline, summaries, train, trainer
+from p2p_jax.datasets import synthetic
+from tests.conftest import (assert_states_equal, checkpoint_steps, run_config, snapshot,
+                            tensorboard_events)
+
+
+class _Stream:
+  """A training stream that hands out ``hook(batch)`` instead of its batch number ``at``."""
+
+  def __init__(self, dataset, at, hook):
+    self.dataset, self.at, self.hook = dataset, at, hook
+
+  def as_numpy_iterator(self):
+    for index, batch in enumerate(self.dataset.as_numpy_iterator(), start=1):
+      yield self.hook(batch) if index == self.at else batch
+
+
+def _hook_first_stream(monkeypatch, at, hook):
+  """Makes the next run's stream a _Stream (not a resumed run's); returns each stream's start step."""
+  make_train_dataset = input_pipeline.make_train_dataset
+  start_steps = []
+
+  def stream(config, *, start_step=0, **kwargs):
+    start_steps.append(start_step)
+    dataset = make_train_dataset(config, start_step=start_step, **kwargs)
+    return _Stream(dataset, at, hook) if len(start_steps) == 1 else dataset
+
+  monkeypatch.setattr(input_pipeline, "make_train_dataset", stream)
+  return start_steps
+
+
+def _sigterm(batch):
+  os.kill(os.getpid(), signal.SIGTERM)
+  return batch
+
+
+def test_keeps_the_latest_checkpoints_saved_every_n_steps_and_at_the_end(finished_run):
+  config, workdir = finished_run
+  assert checkpoint_steps(workdir) == [4, 5]  # 2 and 4 by the cadence, 5 at the end; 2 not kept.
+  assert int(checkpoint.load_state(workdir).step) == 5
+  assert int(checkpoint.load_state(workdir, step=4).step) == 4
+  saved = checkpoint.load_config(workdir)
+  assert saved.steps_per_epoch == synthetic.SPLITS["train"] // config.batch_size
+
+
+def test_tensorboard_has_the_losses_and_the_sample_sheets(finished_run):
+  _, workdir = finished_run
+  events = tensorboard_events(workdir)
+  for name in train.METRIC_NAMES + ("learning_rate",):
+    assert sorted(events[name]) == [2, 4, 5], name  # every log_every_steps, and at the last save
+    assert all(np.isfinite(value) for value in events[name].values()), name
+  assert sorted(events["steps_per_second"]) == [4, 5]
+  assert sorted(events["samples"]) == [3, 5]
+
+
+def test_sample_sheets_show_the_same_eval_images_over_time(finished_run):
+  """Columns input | generated | target | |error|, for a fixed set of eval images."""
+  config, workdir = finished_run
+  samples = workdir / summaries.SAMPLES_DIR
+  names = sorted(p.name for p in samples.glob("step_*.png"))
+  assert names == ["step_00000003.png", "step_00000005.png"]
+  size = config.crop_size
+  sheets = []
+  for name in names:
+    with Image.open(samples / name) as sheet:
+      sheets.append(np.asarray(sheet).astype(int))
+  assert sheets[0].shape == (config.num_sample_images * size, 4 * size, 3)
+  inputs, generated, targets, errors = (
+      [sheet[:, i * size:(i + 1) * size] for sheet in sheets] for i in range(4))
+  np.testing.assert_array_equal(inputs[0], inputs[1])
+  np.testing.assert_array_equal(targets[0], targets[1])
+  assert not np.array_equal(generated[0], generated[1])
+  for gen, target, error in zip(generated, targets, errors):
+    np.testing.assert_allclose(error, np.abs(gen - target).mean(-1, keepdims=True).repeat(3, -1),
+                               atol=2)
+  index = (samples / "index.html").read_text()
+  assert index.index('src="step_00000005.png"') < index.index('src="step_00000003.png"')
+
+
+def test_running_a_finished_run_again_changes_nothing(finished_run):
+  config, workdir = finished_run
+  before = snapshot(workdir)
+  state = trainer.train_and_evaluate(config, workdir)
+  assert int(state.step) == 5
+  assert snapshot(workdir) == before
+
+
+def test_a_run_stopped_by_sigterm_resumes_exactly_where_it_stopped(tmp_path, finished_run,
+                                                                    monkeypatch):
+  """Stopped after step 3 and run again with the same config: bit for bit the uninterrupted run."""
+  config, finished = finished_run
+  workdir = tmp_path / "stopped"
+  start_steps = _hook_first_stream(monkeypatch, 3, _sigterm)
+  handler = signal.getsignal(signal.SIGTERM)
+  stopped = trainer.train_and_evaluate(config, workdir)
+  assert int(stopped.step) == 3
+  assert checkpoint_steps(workdir) == [2, 3]
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  _, data_position = checkpoint.restore(checkpoint.make_manager(workdir, create=False), 3, config,
+                                        one_device)
+  assert data_position == 3
+  assert signal.getsignal(signal.SIGTERM) is handler  # the trainer's handler is gone again
+
+  trainer.train_and_evaluate(config, workdir)
+  assert start_steps == [0, 3]
+  assert checkpoint_steps(workdir) == [4, 5]
+  assert_states_equal(checkpoint.load_state(workdir), checkpoint.load_state(finished))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_set_up_stops_before_the_first_step(tmp_path, synthetic_dir, monkeypatch,
+                                                             signum):
+  """Without the trainer's handler this test's own handler would raise."""
+  make_train_dataset = input_pipeline.make_train_dataset
+
+  def signalled_stream(*args, **kwargs):
+    os.kill(os.getpid(), signum)
+    return make_train_dataset(*args, **kwargs)
+
+  def unhandled(signum, frame):
+    raise AssertionError(f"{signal.Signals(signum).name} reached the default handler")
+
+  monkeypatch.setattr(input_pipeline, "make_train_dataset", signalled_stream)
+  previous = signal.signal(signum, unhandled)
+  try:
+    state = trainer.train_and_evaluate(run_config(synthetic_dir), tmp_path)
+  finally:
+    signal.signal(signum, previous)
+  assert int(state.step) == 0
+  assert checkpoint_steps(tmp_path) == []
+
+
+def test_a_non_finite_loss_names_its_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, synthetic_dir, monkeypatch):
+  """A NaN batch at step 3, found when step 4 is to be saved: nothing after step 2 is written."""
+  _hook_first_stream(monkeypatch, 3, lambda batch: {**batch, "A": np.full_like(batch["A"], np.nan)})
+  config = run_config(synthetic_dir, log_every_steps=100, sample_every_steps=100)
+  checkpoints = re.escape(str(checkpoint.checkpoint_dir(tmp_path)))
+  with pytest.raises(trainer.NonFiniteError, match=(
+      rf"Step 3 gave a non-finite loss \(.*g_loss=nan\); stopped without saving anything after "
+      rf"it. The checkpoints in {checkpoints} are kept; lower config.optim.lr or check the data")):
+    trainer.train_and_evaluate(config, tmp_path)
+  assert checkpoint_steps(tmp_path) == [2]
+  assert int(checkpoint.load_state(tmp_path).step) == 2
+
+
+def test_all_finite_looks_at_every_float_leaf(finished_run):
+  state = checkpoint.load_state(finished_run[1])
+  assert trainer._all_finite(state)
+  for bad in (jnp.nan, jnp.inf):
+    kernel = state.d_params["conv_0"]["kernel"]
+    poisoned = state.replace(d_params={**state.d_params, "conv_0": {
+        **state.d_params["conv_0"], "kernel": kernel.at[0, 0, 0, 0].set(bad)}})
+    assert not trainer._all_finite(poisoned)
+
+
+def test_a_non_finite_state_after_finite_losses_is_not_saved(tmp_path, synthetic_dir, monkeypatch):
+  """As after an overflowing update: the check before saving step 4 finds the state bad."""
+  monkeypatch.setattr(trainer, "_all_finite", lambda state: jnp.asarray(int(state.step) != 4))
+  config = run_config(synthetic_dir, log_every_steps=100, sample_every_steps=100)
+  checkpoints = re.escape(str(checkpoint.checkpoint_dir(tmp_path)))
+  with pytest.raises(trainer.NonFiniteError, match=(
+      rf"The state after step 4 is not finite; it was not saved. The checkpoints in {checkpoints} "
+      r"are kept")):
+    trainer.train_and_evaluate(config, tmp_path)
+  assert checkpoint_steps(tmp_path) == [2]
+
+
+def test_an_incompatible_config_is_refused_and_the_checkpoints_untouched(tmp_path, finished_run):
+  config, finished = finished_run
+  shutil.copytree(checkpoint.checkpoint_dir(finished), checkpoint.checkpoint_dir(tmp_path))
+  before = snapshot(tmp_path)
+  other = config.copy_and_resolve_references()
+  other.model.ngf, other.seed = 16, 1
+  other.num_train_steps, other.keep_checkpoints = 50, 1  # free to change on resume
+  with pytest.raises(ValueError, match=(
+      rf"--workdir {re.escape(str(tmp_path))} holds a checkpoint of a different run "
+      r"\(config.model.ngf: 8 in the checkpoint, 16 now; config.seed: 0 in the checkpoint, 1 now\)"
+      r". It was left untouched")):
+    trainer.train_and_evaluate(other, tmp_path)
+  assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch_size=2), r"config.batch_size=2 must be a multiple of the number of devices \(4\)"),
+    (dict(log_every_steps=0), r"config.log_every_steps must be a positive int, got 0"),
+    (dict(keep_checkpoints=0), r"config.keep_checkpoints must be a positive int, got 0"),
+    (dict(num_train_steps=-1, num_epochs=0),
+     r"config.num_epochs=0 with config.num_train_steps=-1: set one of them to a positive number"),
+    (dict(direction="up"), r"config.direction must be one of \('AtoB', 'BtoA'\), got 'up'"),
+])
+def test_a_bad_config_is_named_before_anything_is_written(tmp_path, synthetic_dir, overrides,
+                                                          message):
+  config = run_config(synthetic_dir)
+  config.update(overrides)
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(config, tmp_path)
+  assert not any(tmp_path.iterdir())
+
+
+def test_total_steps_counts_epochs_unless_num_train_steps_is_set():
+  config = run_config("", num_train_steps=-1)
+  config.steps_per_epoch = 64
+  assert trainer.total_steps(config) == 200 * 64
+  config.num_train_steps = 7
+  assert trainer.total_steps(config) == 7
