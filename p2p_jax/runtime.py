@@ -8,8 +8,8 @@ hands it back to the kernel when freed; so every step first-touches some
 of the step (BENCHMARKS.md). Running CPU computations inline on the calling
 thread and keeping freed blocks in the heap lets every step reuse the same pages.
 
-The entry points in ``experiments/`` call ``reuse_host_memory()`` first thing;
-a script of your own that runs ``train_step`` on a CPU should do the same.
+``experiments.train`` and ``experiments.benchmark`` call ``reuse_host_memory()``
+first thing; a script of your own that trains on a CPU should do the same.
 ``release_free_memory()`` then hands back what compiling and initialising
 freed, so that it does not count towards the run's peak memory.
 """
