@@ -23,7 +23,7 @@ STATE, DATA, CONFIG = "state", "data", "config"
 # Config keys that may differ between a run and its resumption: they change
 # neither the state's layout nor the training trajectory up to the resumed step.
 RESUMABLE_KEYS = frozenset({
-    "data_dir", "cache", "skip_bad_files", "eval_split", "num_epochs", "num_train_steps",
+    "data_dir", "verify_checksums", "cache", "skip_bad_files", "eval_split", "num_epochs", "num_train_steps",
     "log_every_steps", "checkpoint_every_steps", "sample_every_steps", "keep_checkpoints",
     "num_sample_images", "model.conv_impl", "model.upconv_impl",
 })

@@ -137,14 +137,15 @@ def _folder_source(root: pathlib.Path, split: str, skip_bad_files: bool, cache: 
   return PairSource(f"{split_dir}", [p.name for p in pairs[0]], read, side_by_side)
 
 
-def _tfds_source(name: str, split: str, data_dir: str) -> PairSource:
+def _tfds_source(name: str, split: str, data_dir: str, verify_checksums: bool) -> PairSource:
   import tensorflow_datasets as tfds
 
   config_name = name.split("/", 1)[1]
   if config_name not in pix2pix.DATASETS:
     raise ValueError(f"config.dataset={name!r}: no such pix2pix dataset; known: "
                      f"{['pix2pix/' + n for n in pix2pix.DATASETS]}.")
-  builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+  builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record",
+                         verify_checksums=verify_checksums)
   try:
     builder.download_and_prepare(file_format="array_record")
   except Exception as error:  # pylint: disable=broad-except
@@ -174,7 +175,7 @@ def pair_source(config: ml_collections.ConfigDict, split: str) -> PairSource:
   if config.dataset == "synthetic":
     return _folder_source(synthetic.ensure_dataset(config.data_dir, config.seed), split, False, config.cache)
   if config.dataset.startswith("pix2pix/"):
-    return _tfds_source(config.dataset, split, config.data_dir)
+    return _tfds_source(config.dataset, split, config.data_dir, config.verify_checksums)
   root = pathlib.Path(config.dataset).expanduser()
   if not root.is_dir():
     raise ValueError(f"config.dataset={config.dataset!r} is neither 'synthetic', 'pix2pix/<name>' "

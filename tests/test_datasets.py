@@ -1,5 +1,6 @@
 """The TFDS builder, offline: an archive in the official layout in the manual dir."""
 
+import hashlib
 import io
 import tarfile
 
@@ -22,16 +23,21 @@ def _add_image(tar, name, image):
   tar.addfile(info, buffer)
 
 
-def _archive(data_dir, splits, shape=(24, 48)):
+def _archive(data_dir, splits, monkeypatch, shape=(24, 48)):
+  """facades.tar.gz in the manual dir, with its checksum recorded as the official one's."""
   manual = data_dir / "downloads" / "manual"
   manual.mkdir(parents=True)
-  with tarfile.open(manual / "facades.tar.gz", "w:gz") as tar:
+  path = manual / "facades.tar.gz"
+  with tarfile.open(path, "w:gz") as tar:
     for split, count in splits.items():
       for i in range(count):
         pair = np.zeros((*shape, 3), np.uint8)
         pair[:, : shape[1] // 2] = 40 * i  # A
         pair[:, shape[1] // 2:] = 250  # B
         _add_image(tar, f"facades/{split}/{i + 1}.jpg", pair)
+  checksum = (hashlib.md5(path.read_bytes()).hexdigest(), path.stat().st_size)
+  monkeypatch.setitem(pix2pix.ARCHIVE_CHECKSUMS, "facades", checksum)
+  return path
 
 
 def _config(data_dir):
@@ -41,8 +47,8 @@ def _config(data_dir):
   return config
 
 
-def test_builder_prepares_the_archive_splits_offline(tmp_path):
-  _archive(tmp_path, {"train": 3, "val": 1, "test": 2})
+def test_builder_prepares_the_archive_splits_offline(tmp_path, monkeypatch):
+  _archive(tmp_path, {"train": 3, "val": 1, "test": 2}, monkeypatch)
   config = _config(tmp_path)
   assert input_pipeline.num_examples(config, "train") == 3
   assert input_pipeline.num_examples(config, "val") == 1
@@ -55,10 +61,34 @@ def test_builder_prepares_the_archive_splits_offline(tmp_path):
     input_pipeline.num_examples(config, "validation")
 
 
-def test_builder_names_a_file_that_is_not_a_pair(tmp_path):
-  _archive(tmp_path, {"train": 1}, shape=(30, 30))
+def test_builder_names_a_file_that_is_not_a_pair(tmp_path, monkeypatch):
+  _archive(tmp_path, {"train": 1}, monkeypatch, shape=(30, 30))
   with pytest.raises(RuntimeError, match=r"facades/train/1.jpg is 30x30 \(width x height\): not an A\|B pair"):
     input_pipeline.num_examples(_config(tmp_path), "train")
+
+
+def test_an_archive_that_is_not_the_official_one_is_named_and_kept(tmp_path, monkeypatch):
+  archive = _archive(tmp_path, {"train": 1}, monkeypatch)
+  md5, size = pix2pix.ARCHIVE_CHECKSUMS["facades"]
+  monkeypatch.setitem(pix2pix.ARCHIVE_CHECKSUMS, "facades", (md5, size + 1))
+  with pytest.raises(input_pipeline.DatasetUnavailableError, match=(
+      rf"{archive} is {size} bytes, but the official facades.tar.gz is {size + 1} .*"
+      r"Delete it and run again .*config.verify_checksums=False")):
+    input_pipeline.num_examples(_config(tmp_path), "train")
+  monkeypatch.setitem(pix2pix.ARCHIVE_CHECKSUMS, "facades", ("0" * 32, None))
+  with pytest.raises(input_pipeline.DatasetUnavailableError,
+                     match=rf"{archive} has MD5 {md5}, but the official facades.tar.gz has 0{{32}}"):
+    input_pipeline.num_examples(_config(tmp_path), "train")
+  assert archive.exists(), "the user's archive is never deleted"
+  config = _config(tmp_path)
+  config.verify_checksums = False
+  assert input_pipeline.num_examples(config, "train") == 1
+
+
+def test_every_archive_has_a_recorded_md5():
+  assert set(pix2pix.ARCHIVE_CHECKSUMS) == set(pix2pix.DATASETS)
+  for md5, size in pix2pix.ARCHIVE_CHECKSUMS.values():
+    assert len(md5) == 32 and int(md5, 16) >= 0 and (size is None or size > 0)
 
 
 def test_unknown_pix2pix_dataset_is_named(tmp_path):

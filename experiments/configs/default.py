@@ -8,6 +8,7 @@ def get_config():
   # Data: "pix2pix/<name>" (TFDS), a folder in the pix2pix layout, or "synthetic".
   config.dataset = "pix2pix/facades"
   config.data_dir = ""  # TFDS data dir and synthetic cache; "" = the library default.
+  config.verify_checksums = True  # Check a paper dataset's archive before building it.
   config.train_split = "train"
   config.eval_split = "test"
   config.direction = "AtoB"
