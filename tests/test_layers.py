@@ -51,10 +51,11 @@ def test_plain_transposed_conv_is_pytorchs_scatter():
   np.testing.assert_allclose(layers.conv_transpose(x, kernel, 2, 1), expected[:, 1:-1, 1:-1], atol=1e-5)
 
 
-# U-Net and PatchGAN 4x4 (stride 2 and 1), the ResNet's 3x3/s2/p1, 3x3 and 7x7 stride 1.
+# U-Net and PatchGAN 4x4 (stride 2 and 1), the ResNet's 3x3/s2/p1, 3x3 and 7x7 stride 1; the
+# last three have few output channels and take the output-side formulation.
 @pytest.mark.parametrize("size,cin,cout,k,stride,padding", [
-    (8, 3, 4, 4, 2, 1), (2, 8, 8, 4, 2, 1), (9, 5, 1, 4, 1, 1), (9, 3, 4, 3, 2, 1), (6, 4, 4, 3, 1, 0),
-    (10, 3, 2, 7, 1, 0)])
+    (8, 3, 4, 4, 2, 1), (2, 8, 8, 4, 2, 1), (9, 3, 4, 3, 2, 1), (6, 4, 4, 3, 1, 0), (10, 3, 2, 7, 1, 0),
+    (9, 5, 1, 4, 1, 1), (9, 16, 1, 4, 2, 1), (8, 8, 2, 3, 1, 1)])
 def test_matmul_conv_equals_the_native_one(size, cin, cout, k, stride, padding):
   x, kernel = _inputs(size, cin, cout, k=k)
   native = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), ((padding, padding),) * 2,
