@@ -121,21 +121,38 @@ def test_generate_modes():
 
 
 def test_jit_over_a_device_mesh_matches_one_device():
-  """The same train_step, jitted with a data-parallel NamedSharding, dropout and all."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  """The trainer's step over 4 devices is one device's on the global batch, dropout and all.
+
+  Batch norm over the sharded batch uses global statistics although
+  sync_batch_stats is off, metrics are global means, and the state is donated.
+  """
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from p2p_jax import trainer
   config = tiny_config(num_downs=6)
+  assert not config.model.sync_batch_stats and config.model.use_dropout
   batch = _batch(n=4, size=64)
   state = train.create_train_state(jax.random.key(0), config, (64, 64, 3))
-  mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
-  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  sharded_step = jax.jit(functools.partial(train.train_step, config=config),
-                         in_shardings=(replicated, data), out_shardings=(replicated, replicated))
+  mesh = trainer.make_mesh(jax.devices()[:4])
+  sharded_step = trainer.make_train_step(config, mesh)
   step = jax.jit(functools.partial(train.train_step, config=config))
-  sharded_state, single_state = jax.device_put(state, replicated), state
+  # Replicating a copy: device 0's shard aliases its source (may_alias=False or not),
+  # and donation deletes it.
+  sharded_state = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), NamedSharding(mesh, P()))
+  single_state = state
   for _ in range(2):
-    sharded_state, sharded_metrics = sharded_step(sharded_state, jax.device_put(batch, data))
+    previous = sharded_state
+    sharded_state, sharded_metrics = sharded_step(
+        sharded_state, jax.device_put(batch, NamedSharding(mesh, P(trainer.DATA_AXIS))))
     single_state, metrics = step(single_state, batch)
+    assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(previous)), "not donated"
   assert sharded_state.g_params["up_0"]["kernel"].sharding.is_fully_replicated
   _assert_trees_close(sharded_state.g_params, single_state.g_params, atol=1e-5)
   _assert_trees_close(sharded_state.d_batch_stats, single_state.d_batch_stats, atol=1e-5)
   _assert_trees_close(sharded_metrics, metrics, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_sync_batch_stats_decides_whether_the_norms_see_the_device_axis(sync):
+  """Under pmap the networks' batch norms reduce over the axis only when asked (see test_layers)."""
+  for network in train._networks(tiny_config(sync_batch_stats=sync), "batch"):
+    assert network.axis_name == ("batch" if sync else None)
