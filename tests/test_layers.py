@@ -145,3 +145,17 @@ def test_batch_norm_under_pmap_uses_each_devices_statistics_unless_synchronised(
   np.testing.assert_allclose(synced.reshape(x.shape), whole, atol=1e-5)
   jax.tree_util.tree_map(lambda s, w: np.testing.assert_allclose(s[0], w, rtol=1e-5),
                          synced_stats, whole_stats)
+
+
+def test_batch_norm_statistics_survive_a_large_mean():
+  """A channel at 300 +- 0.1 (flat image regions give such channels): the one-pass
+  E[x^2] - E[x]^2 loses its whole variance to float32 rounding."""
+  x = 300.0 + 0.1 * jax.random.normal(jax.random.key(0), (4, 8, 8, 2))
+  bn = layers.BatchNorm()
+  variables = bn.init(jax.random.key(1), x, use_running_average=False)
+  y, _ = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  x64 = np.asarray(x, np.float64)
+  params = variables["params"]
+  expected = ((x64 - x64.mean((0, 1, 2))) / np.sqrt(x64.var((0, 1, 2)) + 1e-5) * params["scale"]
+              + params["bias"])
+  np.testing.assert_allclose(y, expected, rtol=1e-3, atol=1e-3)
