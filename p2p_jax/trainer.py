@@ -18,7 +18,6 @@ the first step that produced it and no non-finite state is ever saved.
 
 import contextlib
 import functools
-import pathlib
 import signal
 import threading
 import time
@@ -189,7 +188,7 @@ class _PendingMetrics:
   def add(self, step: int, step_metrics) -> None:
     self.pending.append((step, step_metrics))
 
-  def flush(self, step: int, where: pathlib.Path) -> Dict[str, float]:
+  def flush(self, step: int, where) -> Dict[str, float]:
     """Fetches, checks and writes the mean metrics since the last flush."""
     if not self.pending:
       return {}
@@ -230,10 +229,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> train.Trai
   """Trains (or resumes training) into ``workdir``; returns the final state.
 
   ``workdir`` receives ``checkpoints/``, TensorBoard event files and
-  ``samples/`` (sample sheets and ``index.html``). Stops early, after saving,
-  on SIGTERM or SIGINT; raises NonFiniteError on a non-finite loss.
+  ``samples/`` (sample sheets and ``index.html``); it is a local path or a URL
+  such as ``gs://bucket/run``, and every process of a multi-host run must see
+  the same one. Stops early, after saving, on SIGTERM or SIGINT; raises
+  NonFiniteError on a non-finite loss.
   """
-  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir = checkpoint.workdir_path(workdir)
   mesh = make_mesh()
   check_batch_size(config.batch_size, mesh)
   config = prepare_config(config)

@@ -25,12 +25,13 @@ import sys
 import time
 
 from absl import app
+from etils import epath
 import jax
 import numpy as np
 import pytest
 
 from experiments import train as train_entry
-from p2p_jax import checkpoint, trainer
+from p2p_jax import checkpoint, summaries, trainer
 from tests.conftest import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -226,3 +227,18 @@ def test_a_batch_that_does_not_split_over_the_devices_is_named_before_reading_da
                                        r"number of devices, 4 \(1 process\(es\) x 4 local device"):
     trainer.train_and_evaluate(config, tmp_path / "work")
   assert not (tmp_path / "data").exists() and not (tmp_path / "work").exists()
+
+
+def test_a_bucket_workdir_stays_a_url(tmp_path, monkeypatch):
+  """The hosts of a pod slice share a gs:// workdir: pathlib would make it a local folder "gs:"."""
+  assert str(checkpoint.checkpoint_dir("gs://bucket/run")) == "gs://bucket/run/checkpoints"
+  assert checkpoint.workdir_path("run") == epath.Path(os.getcwd()) / "run"
+  # gs:// into tmp_path (mock_epath's backend is bypassed where TensorFlow is installed).
+  monkeypatch.setattr(epath.gpath, "_is_tf_installed", lambda: False)
+  in_tmp = lambda fn, path, *args, **kwargs: fn(str(path).replace("gs://", f"{tmp_path}/"), *args, **kwargs)
+  with epath.testing.mock_epath(open=in_tmp, makedirs=in_tmp, mkdir=in_tmp, exists=in_tmp,
+                                isdir=in_tmp, listdir=in_tmp, glob=in_tmp, stat=in_tmp):
+    summaries.write_samples("gs://bucket/run/samples", 3, np.zeros((8, 32, 3), np.uint8))
+  written = tmp_path / "bucket" / "run" / "samples"
+  assert sorted(p.name for p in written.iterdir()) == ["index.html", "step_00000003.png"]
+  assert not pathlib.Path("gs:").exists()
