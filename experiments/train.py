@@ -2,11 +2,12 @@ r"""Trains pix2pix: ``python -m experiments.train --config CONFIG --workdir DIR`
 
 Running the same command again resumes from the latest checkpoint in DIR.
 Override any config key on the command line, e.g. ``--config.batch_size=4``.
-Several processes (hosts, or one process per GPU): run the same command in
-every one, adding --coordinator_address (host:port of process 0),
+Several hosts: run the same command on every host, one process each using all
+its devices, adding --coordinator_address (host:port of process 0),
 --num_processes and --process_id; on Cloud TPU VMs JAX finds the slice's
 workers itself and none of the three is needed. DIR must be one folder that
-every process sees (a shared file system): they write each checkpoint together.
+every process sees (a shared file system or a gs:// bucket): they write each
+checkpoint together.
 """
 
 import hashlib
