@@ -8,10 +8,11 @@ what tools rebuild the networks from).
 """
 
 import logging as std_logging
-import pathlib
+import os
 from typing import Any, Dict, Optional
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -40,8 +41,20 @@ def quiet_orbax_logs() -> None:
     logger.addFilter(_not_orbax_info)
 
 
-def checkpoint_dir(workdir) -> pathlib.Path:
-  return pathlib.Path(workdir).expanduser().absolute() / CHECKPOINT_DIR
+def workdir_path(workdir) -> epath.Path:
+  """``workdir`` as a path: a local one made absolute, a URL (``gs://bucket/run``) kept.
+
+  The processes of a multi-host run write one checkpoint together, so their
+  workdir must be shared, e.g. a Cloud Storage bucket; pathlib would turn that
+  URL into a local folder named "gs:".
+  """
+  if "://" in str(workdir):
+    return epath.Path(workdir)
+  return epath.Path(os.path.abspath(os.path.expanduser(workdir)))
+
+
+def checkpoint_dir(workdir) -> epath.Path:
+  return workdir_path(workdir) / CHECKPOINT_DIR
 
 
 def make_manager(workdir, *, max_to_keep: Optional[int] = None,

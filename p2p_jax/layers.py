@@ -52,13 +52,17 @@ class BatchNorm(nn.Module):
     else:
       xf = x.astype(jnp.float32)
       axes = tuple(range(x.ndim - 1))
+      # Two passes: E[x^2] - E[x]^2 cancels catastrophically in float32 when a
+      # channel's mean is large against its spread, leaving an error that depends
+      # on the summation order (so on the device count) in the gradients.
       mean = jnp.mean(xf, axes)
-      mean_sq = jnp.mean(jnp.square(xf), axes)
+      if self.axis_name is not None:
+        mean = lax.pmean(mean, self.axis_name)
+      var = jnp.mean(jnp.square(xf - mean), axes)
       count = x.size // features
       if self.axis_name is not None:
-        mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
+        var = lax.pmean(var, self.axis_name)
         count = count * lax.psum(1, self.axis_name)
-      var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
       if self.is_mutable_collection("batch_stats") and not self.is_initializing():
         unbiased = var * (count / jnp.maximum(count - 1, 1))
         ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean

@@ -7,12 +7,12 @@ error map that shows where the generator is still wrong.
 """
 
 import html
-import pathlib
 import re
 
 import jax
 import numpy as np
 from clu import metric_writers
+from etils import epath
 from PIL import Image
 
 SAMPLES_DIR = "samples"
@@ -35,13 +35,13 @@ def sample_sheet(inputs, generated, targets) -> np.ndarray:
   return _to_uint8(rows.reshape(-1, *rows.shape[2:]))
 
 
-def sheet_path(directory, step: int) -> pathlib.Path:
-  return pathlib.Path(directory) / f"step_{step:08d}.png"
+def sheet_path(directory, step: int) -> epath.Path:
+  return epath.Path(directory) / f"step_{step:08d}.png"
 
 
-def write_index(directory) -> pathlib.Path:
+def write_index(directory) -> epath.Path:
   """(Re)writes ``directory/index.html``: every sample sheet there, newest first."""
-  directory = pathlib.Path(directory)
+  directory = epath.Path(directory)
   sheets = sorted(((int(m.group(1)), p.name) for p in directory.iterdir()
                    if (m := _SHEET_NAME.fullmatch(p.name))), reverse=True)
   title = f"p2p_jax samples: {html.escape(str(directory.parent.name))}"
@@ -62,12 +62,16 @@ def write_index(directory) -> pathlib.Path:
   return index
 
 
-def write_samples(directory, step: int, sheet: np.ndarray) -> pathlib.Path:
-  """Saves ``sheet`` as ``directory/step_<step>.png`` and updates the index next to it."""
-  directory = pathlib.Path(directory)
+def write_samples(directory, step: int, sheet: np.ndarray) -> epath.Path:
+  """Saves ``sheet`` as ``directory/step_<step>.png`` and updates the index next to it.
+
+  ``directory`` may be a local path or a URL such as ``gs://bucket/run/samples``.
+  """
+  directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   path = sheet_path(directory, step)
-  Image.fromarray(sheet).save(path)
+  with path.open("wb") as file:
+    Image.fromarray(sheet).save(file, format="PNG")
   write_index(directory)
   return path
 

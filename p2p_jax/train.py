@@ -113,8 +113,12 @@ def train_step(state: TrainState, batch, *, config: ml_collections.ConfigDict,
 
   ``batch`` is ``{"A": source, "B": target}``, NHWC float32 in [-1, 1]. With
   ``axis_name`` (under ``pmap``), gradients, metrics and running batch
-  statistics are averaged over that axis; with ``config.model.sync_batch_stats``
-  the normalisation itself uses the statistics of the whole global batch.
+  statistics are averaged over that axis, each device draws its own dropout
+  masks, and batch norm uses each device's own statistics unless
+  ``config.model.sync_batch_stats``, which normalises with those of the whole
+  global batch. Jitted over a mesh without ``axis_name``
+  (``trainer.make_train_step``) the step is that of one device holding the
+  global batch: normalisation is always over the global batch.
   Returns the new state and the scalar metrics ``METRIC_NAMES``.
   """
   generator, discriminator = _networks(config, axis_name)

@@ -3,7 +3,11 @@
 The loop is data parallel from the start: one ``jax.sharding.Mesh`` over all
 devices of all processes with one axis, ``data``; the state is replicated, each
 global batch is sharded along ``data`` and assembled from every process's own
-slice. The same code runs on one CPU, on several devices and on many hosts.
+slice. The same code runs on one CPU, on several devices and on many hosts, and
+computes the same thing on all of them: batch norm uses the statistics of the
+whole global batch and dropout draws one mask for it, as one device holding the
+global batch would (see ``make_train_step``). A checkpoint therefore resumes on
+any number of devices and hosts and continues the same run.
 
 A run is resumable at every checkpoint and the resumed run is exact: the data
 stream resumes at the checkpoint's step, and the dropout key is a function of
@@ -14,7 +18,6 @@ the first step that produced it and no non-finite state is ever saved.
 
 import contextlib
 import functools
-import pathlib
 import signal
 import threading
 import time
@@ -41,8 +44,42 @@ class NonFiniteError(FloatingPointError):
 
 
 def make_mesh(devices=None) -> Mesh:
-  """A one-axis (``data``) mesh over ``devices``, all devices of all processes by default."""
-  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+  """A one-axis (``data``) mesh over ``devices``, all devices of all processes by default.
+
+  The devices go in process order, so process p's devices hold rows
+  [p*B/P, (p+1)*B/P) of a global batch of B, the slice its input pipeline reads
+  (``jax.devices()`` is ordered by device id, which on TPU pods need not follow
+  the hosts).
+  """
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))), (DATA_AXIS,))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  """The global batch must split evenly over the devices (and so over the processes)."""
+  if batch_size < 1 or batch_size % mesh.size:
+    raise ValueError(
+        f"config.batch_size={batch_size} must be a positive multiple of the number of devices, "
+        f"{mesh.size} ({jax.process_count()} process(es) x {len(mesh.local_devices)} local "
+        "device(s)): it is the global batch size, and every device takes an equal share.")
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
+  """``train.train_step`` jitted over ``mesh``: state replicated and donated, batch split on ``data``.
+
+  XLA partitions the one-device program, so batch norm normalises with the
+  statistics of the global batch (synchronised, whatever
+  ``config.model.sync_batch_stats`` says: that flag is for ``pmap``, where each
+  device otherwise uses its own) and dropout draws one mask for the global
+  batch. The result depends on the seed and the global batch size only, not on
+  how many devices or hosts share the batch; per-device statistics would make a
+  checkpoint resumed on another device count continue a different run.
+  Metrics are means over the global batch.
+  """
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+  return jax.jit(functools.partial(train.train_step, config=config),
+                 in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                 donate_argnums=0, compiler_options=train.COMPILER_OPTIONS)
 
 
 def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -151,7 +188,7 @@ class _PendingMetrics:
   def add(self, step: int, step_metrics) -> None:
     self.pending.append((step, step_metrics))
 
-  def flush(self, step: int, where: pathlib.Path) -> Dict[str, float]:
+  def flush(self, step: int, where) -> Dict[str, float]:
     """Fetches, checks and writes the mean metrics since the last flush."""
     if not self.pending:
       return {}
@@ -192,8 +229,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> train.Trai
   """Trains (or resumes training) into ``workdir``; returns the final state.
 
   ``workdir`` receives ``checkpoints/``, TensorBoard event files and
-  ``samples/`` (sample sheets and ``index.html``). Stops early, after saving,
-  on SIGTERM or SIGINT; raises NonFiniteError on a non-finite loss.
+  ``samples/`` (sample sheets and ``index.html``); it is a local path or a URL
+  such as ``gs://bucket/run``, and every process of a multi-host run must see
+  the same one. Stops early, after saving, on SIGTERM or SIGINT; raises
+  NonFiniteError on a non-finite loss.
   """
   # From the start: a signal during set-up (data, restore, compilation) must
   # not kill the process, it only stops it before the first step.
@@ -203,12 +242,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> train.Trai
 
 
 def _train_and_evaluate(config, workdir, stop: _StopRequest) -> train.TrainState:
-  workdir = pathlib.Path(workdir).expanduser().absolute()
-  config = prepare_config(config)
+  workdir = checkpoint.workdir_path(workdir)
   mesh = make_mesh()
-  if config.batch_size % mesh.size:
-    raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the number of "
-                     f"devices ({mesh.size}): every device takes an equal share of the global batch.")
+  check_batch_size(config.batch_size, mesh)
+  config = prepare_config(config)
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
   state, start_step = _restore_or_init(manager, config, replicated, workdir)
@@ -216,13 +253,11 @@ def _train_and_evaluate(config, workdir, stop: _StopRequest) -> train.TrainState
   if start_step >= num_steps:
     logging.info("Nothing to do: the checkpoint is at step %d of %d.", start_step, num_steps)
     return state
-  logging.info("Training steps %d to %d (%d per epoch) on %d device(s) in %d process(es).",
-               start_step, num_steps, config.steps_per_epoch, mesh.size, jax.process_count())
+  logging.info("Training steps %d to %d (%d per epoch) on %d device(s) in %d process(es); batch "
+               "norm and dropout act on the global batch of %d.", start_step, num_steps,
+               config.steps_per_epoch, mesh.size, jax.process_count(), config.batch_size)
 
-  step_fn = jax.jit(functools.partial(train.train_step, config=config),
-                    in_shardings=(replicated, batch_sharding),
-                    out_shardings=(replicated, replicated), donate_argnums=0,
-                    compiler_options=train.COMPILER_OPTIONS)
+  step_fn = make_train_step(config, mesh)
   sample_fn = jax.jit(make_translate_fn(config, "eval"), out_shardings=replicated)
   samples = next(input_pipeline.make_eval_dataset(
       config, batch_size=config.num_sample_images).as_numpy_iterator())

@@ -120,3 +120,42 @@ def test_train_steps_is_train_step_in_sequence():
     np.testing.assert_allclose(got_metrics[name], [m[name] for m in metrics], rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam moves each weight by ~2e-4.
+
+
+def test_batch_norm_under_pmap_uses_each_devices_statistics_unless_synchronised():
+  """Without an axis each device normalises its share alone (the reference's DataParallel);
+  with one, every device uses the statistics of the whole batch, running averages included."""
+  x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3))
+  x = x * jnp.arange(1.0, 9.0)[:, None, None, None]  # Shares with different statistics.
+  variables = layers.BatchNorm().init(jax.random.key(1), x, use_running_average=False)
+
+  def apply(module, images):
+    return module.apply(variables, images, use_running_average=False, mutable=["batch_stats"])
+
+  def on_4_devices(module):
+    return jax.pmap(functools.partial(apply, module), axis_name="d")(x.reshape(4, 2, 4, 4, 3))
+
+  own, own_stats = on_4_devices(layers.BatchNorm())
+  whole, whole_stats = apply(layers.BatchNorm(), x)
+  synced, synced_stats = on_4_devices(layers.BatchNorm(axis_name="d"))
+  for device in range(4):
+    alone, _ = apply(layers.BatchNorm(), x[2 * device:2 * device + 2])
+    np.testing.assert_allclose(own[device], alone, atol=1e-5)
+  assert not np.allclose(own.reshape(x.shape), whole, atol=1e-2)
+  np.testing.assert_allclose(synced.reshape(x.shape), whole, atol=1e-5)
+  jax.tree_util.tree_map(lambda s, w: np.testing.assert_allclose(s[0], w, rtol=1e-5),
+                         synced_stats, whole_stats)
+
+
+def test_batch_norm_statistics_survive_a_large_mean():
+  """A channel at 300 +- 0.1 (flat image regions give such channels): the one-pass
+  E[x^2] - E[x]^2 loses its whole variance to float32 rounding."""
+  x = 300.0 + 0.1 * jax.random.normal(jax.random.key(0), (4, 8, 8, 2))
+  bn = layers.BatchNorm()
+  variables = bn.init(jax.random.key(1), x, use_running_average=False)
+  y, _ = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  x64 = np.asarray(x, np.float64)
+  params = variables["params"]
+  expected = ((x64 - x64.mean((0, 1, 2))) / np.sqrt(x64.var((0, 1, 2)) + 1e-5) * params["scale"]
+              + params["bias"])
+  np.testing.assert_allclose(y, expected, rtol=1e-3, atol=1e-3)

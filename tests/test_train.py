@@ -38,6 +38,25 @@ def _assert_trees_close(a, b, **tolerance):
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, **tolerance), a, b)
 
 
+def _summation_order_config(**model_overrides):
+  """For comparing runs that only sum in another order: a learning rate of 1e-6.
+
+  Adam divides each gradient element by its magnitude, so the rounding noise of
+  an element near its epsilon moves that parameter by a sizeable fraction of
+  the learning rate (1.4e-5 at 2e-4 in two steps here). The optimizer's moments
+  are plain gradient averages and are compared too, so the steps still count.
+  """
+  config = tiny_config(**model_overrides)
+  config.optim.lr = 1e-6
+  return config
+
+
+def _assert_same_training(state, expected):
+  for name in ("g_params", "d_params", "g_batch_stats", "d_batch_stats", "g_opt_state",
+               "d_opt_state"):
+    _assert_trees_close(getattr(state, name), getattr(expected, name), atol=1e-5)
+
+
 def test_steps_on_one_batch_lower_the_l1_loss():
   state, history = _run(tiny_config(), 12, _batch())
   assert set(history[0]) == set(train.METRIC_NAMES)
@@ -67,7 +86,7 @@ def test_same_seed_same_result_other_seed_other_result():
 def test_pmap_keeps_replicas_identical_and_matches_the_global_batch():
   """With synchronised batch norm and no dropout, 4 devices x 2 examples = one batch of 8."""
   assert jax.local_device_count() >= 4, "tests/conftest.py asks XLA for 4 CPU devices"
-  config = tiny_config(sync_batch_stats=True, use_dropout=False)
+  config = _summation_order_config(sync_batch_stats=True, use_dropout=False)
   batch = _batch(n=8)
   state = train.create_train_state(jax.random.key(0), config, (32, 32, 3))
   replicated = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (4, *x.shape)), state)
@@ -82,10 +101,7 @@ def test_pmap_keeps_replicas_identical_and_matches_the_global_batch():
   for leaf in jax.tree_util.tree_leaves(replicated):
     for replica in range(1, 4):
       np.testing.assert_array_equal(leaf[0], leaf[replica])
-  first_replica = jax.tree_util.tree_map(lambda x: x[0], replicated)
-  _assert_trees_close(first_replica.g_params, single.g_params, atol=1e-5)
-  _assert_trees_close(first_replica.d_params, single.d_params, atol=1e-5)
-  _assert_trees_close(first_replica.g_batch_stats, single.g_batch_stats, atol=1e-5)
+  _assert_same_training(jax.tree_util.tree_map(lambda x: x[0], replicated), single)
   _assert_trees_close(jax.tree_util.tree_map(lambda x: x[0], pmetrics), metrics, rtol=1e-4)
 
 
@@ -122,23 +138,32 @@ def test_generate_modes():
 
 
 def test_jit_over_a_device_mesh_matches_one_device():
-  """The same train_step, jitted with a data-parallel NamedSharding, dropout and all."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  config = tiny_config(num_downs=6)
+  """The trainer's step over 4 devices is one device's on the global batch, dropout and all.
+
+  Batch norm over the sharded batch uses global statistics although
+  sync_batch_stats is off, metrics are global means, and the state is donated.
+  """
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from p2p_jax import trainer
+  config = _summation_order_config(num_downs=6)
+  assert not config.model.sync_batch_stats and config.model.use_dropout
   batch = _batch(n=4, size=64)
   state = train.create_train_state(jax.random.key(0), config, (64, 64, 3))
-  mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
-  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  sharded_step = jax.jit(functools.partial(train.train_step, config=config),
-                         in_shardings=(replicated, data), out_shardings=(replicated, replicated))
+  mesh = trainer.make_mesh(jax.devices()[:4])
+  sharded_step = trainer.make_train_step(config, mesh)
   step = jax.jit(functools.partial(train.train_step, config=config))
-  sharded_state, single_state = jax.device_put(state, replicated), state
+  # Replicating a copy: device 0's shard aliases its source (may_alias=False or not),
+  # and donation deletes it.
+  sharded_state = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), NamedSharding(mesh, P()))
+  single_state = state
   for _ in range(2):
-    sharded_state, sharded_metrics = sharded_step(sharded_state, jax.device_put(batch, data))
+    previous = sharded_state
+    sharded_state, sharded_metrics = sharded_step(
+        sharded_state, jax.device_put(batch, NamedSharding(mesh, P(trainer.DATA_AXIS))))
     single_state, metrics = step(single_state, batch)
+    assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(previous)), "not donated"
   assert sharded_state.g_params["up_0"]["kernel"].sharding.is_fully_replicated
-  _assert_trees_close(sharded_state.g_params, single_state.g_params, atol=1e-5)
-  _assert_trees_close(sharded_state.d_batch_stats, single_state.d_batch_stats, atol=1e-5)
+  _assert_same_training(sharded_state, single_state)
   _assert_trees_close(sharded_metrics, metrics, rtol=1e-4)
 
 
@@ -156,3 +181,10 @@ def test_compiler_options_keep_the_result_and_drop_the_state_copies():
   copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
   jax.tree_util.tree_map(np.testing.assert_array_equal, compiled["tuned"](copy(state), batch),
                          compiled["plain"](copy(state), batch))
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_sync_batch_stats_decides_whether_the_norms_see_the_device_axis(sync):
+  """Under pmap the networks' batch norms reduce over the axis only when asked (see test_layers)."""
+  for network in train._networks(tiny_config(sync_batch_stats=sync), "batch"):
+    assert network.axis_name == ("batch" if sync else None)

@@ -30,6 +30,8 @@ def get_config():
   config.model.n_layers_d = 3  # 0: PixelGAN, 1: 16x16, 3: 70x70, 5: 286x286 ImageGAN
   config.model.norm = "batch"  # batch | instance | none
   config.model.use_dropout = True
+  # pmap only: batch norm over the whole batch instead of each device's share.
+  # experiments.train (jit over a device mesh) always normalises over the global batch.
   config.model.sync_batch_stats = False
   config.model.dtype = "float32"  # compute dtype; parameters and losses stay float32
   # Formulations (same parameters; "auto" picks per backend as measured in
