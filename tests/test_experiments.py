@@ -104,8 +104,8 @@ def test_train_refuses_an_incompatible_workdir_and_leaves_it_untouched(failed_co
 
 def test_train_wants_all_three_multi_host_flags_or_none(failed_commands):
   stderr = _error_line(failed_commands, "multihost")
-  assert ("--coordinator_address given without --num_processes, --process_id: a multi-host run "
-          "needs all three.") in stderr
+  assert ("--coordinator_address given without --num_processes, --process_id: a run over several "
+          "processes needs all three.") in stderr
   assert not (failed_commands.tmp / "new").exists()
 
 

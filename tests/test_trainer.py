@@ -195,7 +195,8 @@ def test_an_incompatible_config_is_refused_and_the_checkpoints_untouched(tmp_pat
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(batch_size=2), r"config.batch_size=2 must be a multiple of the number of devices \(4\)"),
+    (dict(batch_size=2), r"config.batch_size=2 must be a positive multiple of the number of devices, 4 "
+                         r"\(1 process\(es\) x 4 local device\(s\)\)"),
     (dict(log_every_steps=0), r"config.log_every_steps must be a positive int, got 0"),
     (dict(keep_checkpoints=0), r"config.keep_checkpoints must be a positive int, got 0"),
     (dict(num_train_steps=-1, num_epochs=0),
