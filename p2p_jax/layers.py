@@ -176,13 +176,17 @@ def conv_transpose(x, kernel, stride: int, padding: int, output_padding: int = 0
       lhs_dilation=(stride, stride), dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _overlap_add(tap):
-  """Sums the 4x4 kernel taps' contributions into a stride-2, padding-1 output.
+@jax.custom_vjp
+def overlap_add(patches):
+  """Sums every input pixel's 4x4 output patch into the stride-2, padding-1 output.
 
-  ``tap(a, b)`` is every input pixel times kernel tap ``(a, b)``, shaped
-  ``(n, h, w, c)``. Writing ``a = 2q + p``, the tap of input row ``i`` lands on
-  output row ``2(i + q) + p - 1``: each output phase ``p`` sums two shifted taps.
+  ``patches`` is ``(n, h, w, 4, 4, c)``; tap ``(a, b)`` of input pixel ``(i, j)``
+  lands on output ``(2i + a - 1, 2j + b - 1)``. Writing ``a = 2q + p``, each
+  output phase ``p`` sums two taps shifted by ``q``. The gradient is the
+  matching gather, written out: XLA's transpose of these pads and sums runs an
+  order of magnitude slower on CPU (BENCHMARKS.md).
   """
+  tap = lambda a, b: patches[:, :, :, a, b]
   phases = [[sum(jnp.pad(tap(2 * q_row + p_row, 2 * q_col + p_col),
                          ((0, 0), (q_row, 1 - q_row), (q_col, 1 - q_col), (0, 0)))
                  for q_row in (0, 1) for q_col in (0, 1))
@@ -191,6 +195,20 @@ def _overlap_add(tap):
   y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
   n, h, _, w, _, c = y.shape
   return y.reshape(n, 2 * h, 2 * w, c)[:, 1:-1, 1:-1]
+
+
+def _overlap_add_transpose(dy):
+  """Each tap's cotangent: the output pixel it landed on (padded row ``2(i + q) + p``)."""
+  n, height, width, c = dy.shape
+  h, w = height // 2, width // 2
+  rows = jnp.pad(dy, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(n, h + 1, 2, w + 1, 2, c)
+  shifted = jnp.stack([jnp.stack([rows[:, q:q + h, :, s:s + w] for s in (0, 1)]) for q in (0, 1)])
+  # (q, s, n, i, p, j, t, c) -> (n, i, j, a = 2q + p, b = 2s + t, c)
+  return shifted.transpose(2, 3, 5, 0, 4, 1, 6, 7).reshape(n, h, w, 4, 4, c)
+
+
+overlap_add.defvjp(lambda patches: (overlap_add(patches), None),
+                   lambda _, dy: (_overlap_add_transpose(dy),))
 
 
 def conv_transpose_matmul(x, kernel):
@@ -203,8 +221,7 @@ def conv_transpose_matmul(x, kernel):
   n, h, w, cin = x.shape
   cout = kernel.shape[-1]
   patches = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, 16 * cout))
-  patches = patches.reshape(n, h, w, 4, 4, cout)
-  return _overlap_add(lambda a, b: patches[:, :, :, a, b])
+  return overlap_add(patches.reshape(n, h, w, 4, 4, cout))
 
 
 UPCONV_IMPLS = ("auto", "conv_transpose", "matmul")
