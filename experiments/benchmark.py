@@ -46,6 +46,10 @@ flags.DEFINE_integer("steps_per_call", 1, "Train steps per compiled call (lax.sc
 flags.DEFINE_enum("conv_impl", "auto", list(layers.CONV_IMPLS), "config.model.conv_impl.")
 flags.DEFINE_enum("upconv_impl", "auto", list(layers.UPCONV_IMPLS), "config.model.upconv_impl.")
 flags.DEFINE_bool("profile", False, "Also trace a few calls and print the op time per layer.")
+flags.DEFINE_bool("reuse_host_memory", True, "Call runtime.reuse_host_memory() first (--noreuse_host_memory "
+                  "shows what it saves).")
+flags.DEFINE_bool("region_analysis", True, "Compile with train.COMPILER_OPTIONS (--noregion_analysis shows "
+                  "what they save).")
 flags.DEFINE_bool("data", False, "Time the input pipeline instead of the train step.")
 flags.DEFINE_string("dataset", "synthetic", "With --data: config.dataset (a folder in the pix2pix layout).")
 FLAGS = flags.FLAGS
@@ -162,7 +166,7 @@ def benchmark_train() -> None:
   batch_shape = jax.ShapeDtypeStruct((*shape, FLAGS.size, FLAGS.size, 3), jnp.float32, sharding=sharded)
   step = jax.jit(functools.partial(step_fn, config=config), donate_argnums=0,
                  in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-                 compiler_options=train.COMPILER_OPTIONS)
+                 compiler_options=train.COMPILER_OPTIONS if FLAGS.region_analysis else None)
   start = time.perf_counter()
   compiled = step.lower(abstract_state, {"A": batch_shape, "B": batch_shape}).compile()
   compile_s = time.perf_counter() - start
@@ -200,6 +204,7 @@ def benchmark_train() -> None:
   _report(dict(mode="train", size=FLAGS.size, batch=FLAGS.batch, devices=FLAGS.devices,
                steps_per_call=FLAGS.steps_per_call, dtype=FLAGS.dtype,
                conv_impl=FLAGS.conv_impl, upconv_impl=FLAGS.upconv_impl,
+               reuse_host_memory=FLAGS.reuse_host_memory, region_analysis=FLAGS.region_analysis,
                images_per_sec=round(global_batch / per_step, 3), ms_per_step=round(1000 * per_step, 1),
                min_ms=round(1000 * min(times) / FLAGS.steps_per_call, 1),
                max_ms=round(1000 * max(times) / FLAGS.steps_per_call, 1), compile_s=round(compile_s, 1),
@@ -208,7 +213,8 @@ def benchmark_train() -> None:
 
 def main(argv):
   del argv
-  runtime.reuse_host_memory()
+  if FLAGS.reuse_host_memory:
+    runtime.reuse_host_memory()
   benchmark_data() if FLAGS.data else benchmark_train()
 
 
