@@ -50,6 +50,8 @@ flags.DEFINE_bool("reuse_host_memory", True, "Call runtime.reuse_host_memory() f
                   "shows what it saves).")
 flags.DEFINE_bool("region_analysis", True, "Compile with train.COMPILER_OPTIONS (--noregion_analysis shows "
                   "what they save).")
+flags.DEFINE_bool("floor", False, "Also time a large float32 matmul and report the step against its compute "
+                  "floor: XLA's FLOP count at that rate.")
 flags.DEFINE_bool("data", False, "Time the input pipeline instead of the train step.")
 flags.DEFINE_string("dataset", "synthetic", "With --data: config.dataset (a folder in the pix2pix layout).")
 FLAGS = flags.FLAGS
@@ -60,7 +62,7 @@ def _peak_rss_mib() -> float:
 
 
 def _report(result: dict) -> None:
-  result["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+  result.setdefault("peak_rss_mib", round(_peak_rss_mib(), 1))
   result["device"] = jax.devices()[0].device_kind
   result["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
   print(json.dumps(result))
@@ -147,6 +149,19 @@ def profile(compiled, call, calls: int = 3) -> Tuple[collections.Counter, collec
   return by_layer, by_op
 
 
+def matmul_gflops(n: int = 4096, calls: int = 3) -> float:
+  """This machine's float32 matmul rate (the best of a few ``n x n`` products), GFLOP/s."""
+  a = jnp.ones((n, n), jnp.float32)
+  product = jax.jit(jnp.matmul)
+  jax.block_until_ready(product(a, a))
+  times = []
+  for _ in range(calls):
+    start = time.perf_counter()
+    jax.block_until_ready(product(a, a))
+    times.append(time.perf_counter() - start)
+  return 2 * n ** 3 / min(times) / 1e9
+
+
 def benchmark_train() -> None:
   config = config_from_flags()
   global_batch = FLAGS.batch * FLAGS.devices
@@ -201,7 +216,16 @@ def benchmark_train() -> None:
     for op, ms in by_op.most_common(10):
       print(f"profile op {ms:8.1f} ms  {op}")
   per_step = statistics.median(times) / FLAGS.steps_per_call
-  _report(dict(mode="train", size=FLAGS.size, batch=FLAGS.batch, devices=FLAGS.devices,
+  floor = {}
+  if FLAGS.floor:
+    # After the timed steps, and with the step's peak already read: the
+    # matmul's operands must not count towards it.
+    floor["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    gflop = compiled.cost_analysis()["flops"] / 1e9 / FLAGS.steps_per_call
+    gflops = matmul_gflops()
+    floor.update(gflop_per_step=round(gflop, 3), matmul_gflops=round(gflops, 1),
+                 floor_ms=round(1000 * gflop / gflops, 3), ratio_to_floor=round(per_step * gflops / gflop, 2))
+  _report(dict(**floor, mode="train", size=FLAGS.size, batch=FLAGS.batch, devices=FLAGS.devices,
                steps_per_call=FLAGS.steps_per_call, dtype=FLAGS.dtype,
                conv_impl=FLAGS.conv_impl, upconv_impl=FLAGS.upconv_impl,
                reuse_host_memory=FLAGS.reuse_host_memory, region_analysis=FLAGS.region_analysis,

@@ -45,13 +45,17 @@ def test_ops_are_attributed_to_their_layer_and_direction():
   assert benchmark._layer_of("jit(train_step)/add").startswith("outside the models")
 
 
-def test_a_small_run_reports_one_json_line_and_a_profile(capsys):
-  with flagsaver.flagsaver(size=32, steps=1, warmup=1, profile=True):
+def test_a_small_run_reports_one_json_line_a_profile_and_the_floor(capsys):
+  with flagsaver.flagsaver(size=32, steps=1, warmup=1, profile=True, floor=True):
     benchmark.benchmark_train()
   lines = capsys.readouterr().out.strip().splitlines()
   result = json.loads(lines[-1])
   for key in ("images_per_sec", "ms_per_step", "compile_s", "peak_rss_mib", "device", "dtype", "min_ms", "max_ms"):
     assert key in result
   assert result["images_per_sec"] > 0
+  # The floor is XLA's FLOP count at the measured matmul rate.
+  assert result["gflop_per_step"] > 0 and result["matmul_gflops"] > 0
+  assert result["floor_ms"] == pytest.approx(1000 * result["gflop_per_step"] / result["matmul_gflops"], rel=0.01)
+  assert result["ratio_to_floor"] == pytest.approx(result["ms_per_step"] / result["floor_ms"], rel=0.05)
   assert any("UNetGenerator/up_0 backward" in line for line in lines[:-1])
   assert any("PatchDiscriminator/conv_0 forward" in line for line in lines[:-1])
