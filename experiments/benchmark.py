@@ -2,6 +2,7 @@ r"""Times the compiled train_step (or, with --data, the input pipeline).
 
     python -m experiments.benchmark --size 256 --batch 1 --steps 10
     python -m experiments.benchmark --size 256 --profile  # also op time per layer
+    python -m experiments.benchmark --size 256 --floor    # also the ratio to the FLOP floor
     python -m experiments.benchmark --data --dataset ../shared/data/people2outline
 
 Random data, timed after compilation; the last line printed is one JSON object
@@ -173,7 +174,7 @@ def benchmark_train() -> None:
   abstract_state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                                           jax.eval_shape(init, jax.random.key(0)))
   # One step per call runs train_step itself: XLA:CPU runs a step inside
-  # lax.scan's loop several times slower (BENCHMARKS.md).
+  # lax.scan's loop ten times slower (BENCHMARKS.md).
   if FLAGS.steps_per_call == 1:
     shape, sharded, step_fn = (global_batch,), NamedSharding(mesh, P("data")), train.train_step
   else:
