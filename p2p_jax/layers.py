@@ -185,7 +185,8 @@ def overlap_add(patches):
   lands on output ``(2i + a - 1, 2j + b - 1)``. Writing ``a = 2q + p``, each
   output phase ``p`` sums two taps shifted by ``q``. The gradient is the
   matching gather, written out: XLA's transpose of these pads and sums runs an
-  order of magnitude slower on CPU (BENCHMARKS.md).
+  order of magnitude slower on CPU (BENCHMARKS.md). Being a ``custom_vjp``, it
+  supports reverse-mode differentiation only, which is what training uses.
   """
   tap = lambda a, b: patches[:, :, :, a, b]
   phases = [[sum(jnp.pad(tap(2 * q_row + p_row, 2 * q_col + p_col),

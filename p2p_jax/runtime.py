@@ -4,9 +4,9 @@ XLA:CPU gives each execution a fresh temporary buffer (171 MB for a 256 px
 pix2pix step). Dispatched asynchronously, that allocation happens on a worker
 thread, whose glibc arena takes such a block straight from mmap and hands it
 back to the kernel when freed; so every step first-touches some 42,000
-freshly zeroed pages again, which on a 2-core machine cost about 13% of the step
-(BENCHMARKS.md). Running CPU computations inline on the calling
-thread and keeping freed blocks in the heap lets every step reuse the same pages.
+freshly zeroed pages again, which on a 2-core machine cost about 13% of the
+step (BENCHMARKS.md). Running CPU computations inline on the calling thread
+and keeping freed blocks in the heap lets every step reuse the same pages.
 
 ``experiments.train`` and ``experiments.benchmark`` call ``reuse_host_memory()``
 first thing; a script of your own that trains on a CPU should do the same.
