@@ -1,6 +1,7 @@
 """reuse_host_memory: XLA:CPU's per-call temporary buffer stops page-faulting afresh."""
 
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -8,46 +9,52 @@ import textwrap
 import pytest
 
 # A call whose temporary buffer (the optimisation barrier's 96 MiB output) is
-# larger than a glibc thread arena can hold; prints the page faults of one call.
+# larger than a glibc thread arena can hold; prints the page faults of each of
+# twelve calls. With the heap reused, glibc may still move the buffer to fresh
+# pages once or twice before it settles (BENCHMARKS.md, "Host memory"), so the
+# tests look at the median call.
 _PROBE = textwrap.dedent("""
     import resource, sys
     import jax, jax.numpy as jnp
     from p2p_jax import runtime
-    if sys.argv[1] == "late":
-      jax.devices()
-    if sys.argv[1] != "plain":
+    if sys.argv[1] == "reuse":
       print(runtime.reuse_host_memory())
     x = jnp.ones((24, 1024, 1024))
     f = jax.jit(lambda x: jnp.sum(jax.lax.optimization_barrier(x * 2.0)[::-1] * x))
     for _ in range(3):
       f(x).block_until_ready()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
+    for _ in range(12):
+      before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       f(x).block_until_ready()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+      print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """)
 _BUFFER_PAGES = 24 * 1024 * 1024 * 4 // 4096
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 
 
-def _probe(mode: str):
-  """(what reuse_host_memory returned or None, faults per call, stderr)."""
+def _run(source: str, *args: str):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
-                       env=env, timeout=120, check=True)
-  lines = out.stdout.split()
-  return (lines[0] == "True" if len(lines) > 1 else None), float(lines[-1]), out.stderr
+  return subprocess.run([sys.executable, "-c", source, *args], capture_output=True, text=True,
+                        env=env, timeout=120, check=True)
+
+
+def _probe(mode: str):
+  """(what reuse_host_memory returned or None, median page faults of a call)."""
+  lines = _run(_PROBE, mode).stdout.split()
+  applied = lines[0] == "True" if len(lines) > 12 else None
+  return applied, statistics.median(float(n) for n in lines[-12:])
 
 
 def test_reusing_host_memory_stops_the_page_faults_of_each_call():
-  _, plain, _ = _probe("plain")
+  _, plain = _probe("plain")
   assert plain > 0.9 * _BUFFER_PAGES, "the probe sees every fresh page"
-  applied, reused, _ = _probe("reuse")
+  applied, reused = _probe("reuse")
   assert applied and reused < 0.01 * _BUFFER_PAGES
 
 
 def test_too_late_is_reported_not_silently_ignored():
-  applied, faults, stderr = _probe("late")
-  assert applied is False
-  assert "called after JAX started its backends" in stderr
-  assert faults > 0.9 * _BUFFER_PAGES
+  """Once the CPU client exists its dispatch mode is fixed: say so, change nothing there."""
+  out = _run("import jax; jax.devices(); from p2p_jax import runtime; "
+             "print(runtime.reuse_host_memory(), jax.config.read('jax_cpu_enable_async_dispatch'))")
+  assert out.stdout.split() == ["False", "True"]
+  assert "called after JAX started its backends" in out.stderr
