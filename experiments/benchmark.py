@@ -47,6 +47,8 @@ flags.DEFINE_integer("steps_per_call", 1, "Train steps per compiled call (lax.sc
 flags.DEFINE_enum("conv_impl", "auto", list(layers.CONV_IMPLS), "config.model.conv_impl.")
 flags.DEFINE_enum("upconv_impl", "auto", list(layers.UPCONV_IMPLS), "config.model.upconv_impl.")
 flags.DEFINE_bool("profile", False, "Also trace a few calls and print the op time per layer.")
+flags.DEFINE_integer("profile_ops", 10, "With --profile: how many of the costliest HLO ops to list.",
+                     lower_bound=0)
 flags.DEFINE_bool("reuse_host_memory", True, "Call runtime.reuse_host_memory() first (--noreuse_host_memory "
                   "shows what it saves).")
 flags.DEFINE_bool("region_analysis", True, "Compile with train.COMPILER_OPTIONS (--noregion_analysis shows "
@@ -214,7 +216,7 @@ def benchmark_train() -> None:
     for layer, ms in by_layer.most_common():
       print(f"profile {ms:8.1f} ms  {layer}")
     print(f"profile {sum(by_layer.values()):8.1f} ms  total op time per step")
-    for op, ms in by_op.most_common(10):
+    for op, ms in by_op.most_common(FLAGS.profile_ops):
       print(f"profile op {ms:8.1f} ms  {op}")
   per_step = statistics.median(times) / FLAGS.steps_per_call
   floor = {}

@@ -46,7 +46,7 @@ def test_ops_are_attributed_to_their_layer_and_direction():
 
 
 def test_a_small_run_reports_one_json_line_a_profile_and_the_floor(capsys):
-  with flagsaver.flagsaver(size=32, steps=1, warmup=1, profile=True, floor=True):
+  with flagsaver.flagsaver(size=32, steps=1, warmup=1, profile=True, profile_ops=3, floor=True):
     benchmark.benchmark_train()
   lines = capsys.readouterr().out.strip().splitlines()
   result = json.loads(lines[-1])
@@ -59,3 +59,4 @@ def test_a_small_run_reports_one_json_line_a_profile_and_the_floor(capsys):
   assert result["ratio_to_floor"] == pytest.approx(result["ms_per_step"] / result["floor_ms"], rel=0.05)
   assert any("UNetGenerator/up_0 backward" in line for line in lines[:-1])
   assert any("PatchDiscriminator/conv_0 forward" in line for line in lines[:-1])
+  assert sum(line.startswith("profile op ") for line in lines) == 3
