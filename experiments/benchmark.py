@@ -25,16 +25,20 @@ import tempfile
 import time
 from typing import Tuple
 
-from absl import app
-from absl import flags
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+if __name__ == "__main__":
+  # Each of p2p_jax's CPU settings is applied below only if its flag asks, so
+  # that --noreuse_host_memory and --noregion_analysis measure what each saves.
+  os.environ["P2P_JAX_CPU_TUNING"] = "0"
 
-from experiments.configs import default
-from p2p_jax import layers, runtime, train
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from p2p_jax import configuration, layers, parallel, recipe, runtime, train  # noqa: E402
 
 flags.DEFINE_integer("size", 256, "Image side, a power of 2; the U-Net gets log2(size) levels (unet_256 for 256).")
 flags.DEFINE_integer("batch", 1, "Examples per device per step.", lower_bound=1)
@@ -49,9 +53,9 @@ flags.DEFINE_enum("upconv_impl", "auto", list(layers.UPCONV_IMPLS), "config.mode
 flags.DEFINE_bool("profile", False, "Also trace a few calls and print the op time per layer.")
 flags.DEFINE_integer("profile_ops", 10, "With --profile: how many of the costliest HLO ops to list.",
                      lower_bound=0)
-flags.DEFINE_bool("reuse_host_memory", True, "Call runtime.reuse_host_memory() first (--noreuse_host_memory "
-                  "shows what it saves).")
-flags.DEFINE_bool("region_analysis", True, "Compile with train.COMPILER_OPTIONS (--noregion_analysis shows "
+flags.DEFINE_bool("reuse_host_memory", True, "Keep p2p_jax's host-memory setting (--noreuse_host_memory "
+                  "runs with JAX's defaults: what runtime.reuse_host_memory saves).")
+flags.DEFINE_bool("region_analysis", True, "Compile with runtime.COMPILER_OPTIONS (--noregion_analysis shows "
                   "what they save).")
 flags.DEFINE_bool("floor", False, "Also time a large float32 matmul and report the step against its compute "
                   "floor: XLA's FLOP count at that rate.")
@@ -73,7 +77,7 @@ def _report(result: dict) -> None:
 
 def config_from_flags() -> ml_collections.ConfigDict:
   """The default config at the flags' sizes; app.UsageError names a bad flag."""
-  config = default.get_config()
+  config = configuration.default_config()
   config.dataset = FLAGS.dataset
   config.batch_size = FLAGS.batch
   # The reference's load 286 / crop 256, scaled.
@@ -85,7 +89,6 @@ def config_from_flags() -> ml_collections.ConfigDict:
   config.model.dtype = FLAGS.dtype
   config.model.conv_impl = FLAGS.conv_impl
   config.model.upconv_impl = FLAGS.upconv_impl
-  config.steps_per_epoch = 1000  # Sets the learning-rate schedule only.
   if FLAGS.devices > jax.device_count():
     raise app.UsageError(f"--devices={FLAGS.devices} but only {jax.device_count()} "
                          f"{jax.default_backend()} device(s) are visible")
@@ -98,6 +101,7 @@ def benchmark_data() -> None:
   # benchmark reports.
   from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   try:
+    configuration.check(config)
     dataset = input_pipeline.make_train_dataset(config, process_index=0, process_count=1)
   except ValueError as e:
     raise app.UsageError(f"--dataset={FLAGS.dataset!r}: {e}") from e
@@ -167,24 +171,24 @@ def matmul_gflops(n: int = 4096, calls: int = 3) -> float:
 
 def benchmark_train() -> None:
   config = config_from_flags()
+  pix2pix = recipe.Pix2Pix.from_config(config, steps_per_epoch=1000)  # Sets the learning-rate schedule only.
   global_batch = FLAGS.batch * FLAGS.devices
-  mesh = Mesh(np.array(jax.devices()[:FLAGS.devices]), ("data",))
+  mesh = parallel.make_mesh(jax.devices()[:FLAGS.devices])
   replicated = NamedSharding(mesh, P())
   # Compile from shapes first, then allocate, releasing what serves only once
   # (runtime.release_free_memory): the peak is then that of training itself.
-  init = functools.partial(train.create_train_state, config=config, image_shape=(FLAGS.size, FLAGS.size, 3))
+  init = functools.partial(train.create_train_state, pix2pix=pix2pix, batch=configuration.image_shapes(config))
   abstract_state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                                           jax.eval_shape(init, jax.random.key(0)))
   # One step per call runs train_step itself: XLA:CPU runs a step inside
   # lax.scan's loop ten times slower (BENCHMARKS.md).
   if FLAGS.steps_per_call == 1:
-    shape, sharded, step_fn = (global_batch,), NamedSharding(mesh, P("data")), train.train_step
+    shape, sharded = (global_batch,), NamedSharding(mesh, P(parallel.DATA_AXIS))
   else:
-    shape, sharded, step_fn = (FLAGS.steps_per_call, global_batch), NamedSharding(mesh, P(None, "data")), train.train_steps
+    shape, sharded = (FLAGS.steps_per_call, global_batch), NamedSharding(mesh, P(None, parallel.DATA_AXIS))
   batch_shape = jax.ShapeDtypeStruct((*shape, FLAGS.size, FLAGS.size, 3), jnp.float32, sharding=sharded)
-  step = jax.jit(functools.partial(step_fn, config=config), donate_argnums=0,
-                 in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
-                 compiler_options=train.COMPILER_OPTIONS if FLAGS.region_analysis else None)
+  step = parallel.make_train_step(pix2pix, mesh, steps_per_call=FLAGS.steps_per_call,
+                                  compiler_options=runtime.COMPILER_OPTIONS if FLAGS.region_analysis else {})
   start = time.perf_counter()
   compiled = step.lower(abstract_state, {"A": batch_shape, "B": batch_shape}).compile()
   compile_s = time.perf_counter() - start
@@ -243,6 +247,7 @@ def main(argv):
   if FLAGS.reuse_host_memory:
     runtime.reuse_host_memory()
   benchmark_data() if FLAGS.data else benchmark_train()
+
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ DIR/eval, and the sheet (with an index.html) in DIR/eval/<split>_<mode>/.
 
 import json
 import pathlib
-import sys
 
 from absl import app, flags, logging
 
-from p2p_jax import checkpoint, inference, input_pipeline, train
+from experiments import cli
+from p2p_jax import checkpoint, inference, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -34,8 +34,8 @@ def main(argv):
     results = inference.evaluate_checkpoint(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split,
                                             mode=FLAGS.mode, batch_size=FLAGS.batch_size,
                                             data_dir=FLAGS.data_dir)
-  except (ValueError, OSError, input_pipeline.DatasetUnavailableError) as error:
-    sys.exit(f"error: {error}")
+  except cli.USER_ERRORS as error:
+    cli.exit_with(error, {"batch_size": "--batch_size", "split": "--split"})
   logging.info("Wrote %s", pathlib.Path(FLAGS.workdir) / inference.EVAL_DIR)
   print(json.dumps(results, indent=2))
 

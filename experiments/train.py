@@ -23,7 +23,8 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from p2p_jax import checkpoint, input_pipeline, runtime, trainer
+from experiments import cli
+from p2p_jax import checkpoint, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. experiments/configs/demo.py.",
@@ -148,7 +149,6 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  runtime.reuse_host_memory()
   try:
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            FLAGS.initialization_timeout)
@@ -160,9 +160,8 @@ def main(argv):
                jax.process_count(), jax.local_devices())
   try:
     trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, OSError, input_pipeline.DatasetUnavailableError,
-          trainer.NonFiniteError) as error:  # OSError: e.g. a --workdir that cannot be written.
-    sys.exit(f"error: {error}")
+  except cli.USER_ERRORS as error:  # OSError: e.g. a --workdir that cannot be written.
+    cli.exit_with(error, {"workdir": "--workdir"})
 
 
 if __name__ == "__main__":

@@ -7,10 +7,9 @@ domain, not A|B pairs). Each is resized to the model's size, translated and the
 result resized back to the input's size, saved as OUT_DIR/<name>.png.
 """
 
-import sys
-
 from absl import app, flags, logging
 
+from experiments import cli
 from p2p_jax import checkpoint, inference, train
 
 FLAGS = flags.FLAGS
@@ -34,8 +33,8 @@ def main(argv):
     written = inference.translate_paths(FLAGS.workdir, FLAGS.input, FLAGS.output, step=FLAGS.step,
                                         mode=FLAGS.mode, batch_size=FLAGS.batch_size,
                                         seed=FLAGS.seed)
-  except (ValueError, OSError) as error:  # OSError: e.g. an --output that cannot be written.
-    sys.exit(f"error: {error}")
+  except cli.USER_ERRORS as error:  # OSError: e.g. an --output that cannot be written.
+    cli.exit_with(error, {"input_path": "--input", "output_dir": "--output", "batch_size": "--batch_size"})
   logging.info("Wrote %d image(s) to %s.", len(written), FLAGS.output)
 
 

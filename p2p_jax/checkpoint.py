@@ -1,15 +1,17 @@
-"""Orbax checkpoints of a whole training run: state, data position and config.
+"""Orbax checkpoints of a whole training run: state, data position, config and networks.
 
-Each checkpoint step under ``<workdir>/checkpoints`` holds three items:
+Each checkpoint step under ``<workdir>/checkpoints`` holds four items:
 ``state`` (the complete ``TrainState``: parameters, batch statistics, both
-optimisers, step and RNG), ``data`` (the step the input stream resumes at) and
+optimisers, step and RNG), ``data`` (the step the input stream resumes at),
 ``config`` (the run's config, which is what a resumed run is checked against and
-what tools rebuild the networks from).
+what tools rebuild the networks from) and ``networks`` (the classes of the two
+networks, so a run trained with networks given as Python objects is not
+mistaken for the ones its config names).
 """
 
 import logging as std_logging
 import os
-from typing import Any, Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 from absl import logging
 from etils import epath
@@ -17,17 +19,10 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from p2p_jax import train
+from p2p_jax import configuration, recipe, train
 
 CHECKPOINT_DIR = "checkpoints"
-STATE, DATA, CONFIG = "state", "data", "config"
-# Config keys that may differ between a run and its resumption: they change
-# neither the state's layout nor the training trajectory up to the resumed step.
-RESUMABLE_KEYS = frozenset({
-    "data_dir", "verify_checksums", "cache", "skip_bad_files", "eval_split", "num_epochs", "num_train_steps",
-    "log_every_steps", "checkpoint_every_steps", "sample_every_steps", "keep_checkpoints",
-    "num_sample_images", "model.conv_impl", "model.upconv_impl",
-})
+STATE, DATA, CONFIG, NETWORKS = "state", "data", "config", "networks"
 
 
 def _not_orbax_info(record: std_logging.LogRecord) -> bool:
@@ -65,17 +60,23 @@ def make_manager(workdir, *, max_to_keep: Optional[int] = None,
   """
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
   handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler(),
-              CONFIG: ocp.JsonCheckpointHandler()}
+              CONFIG: ocp.JsonCheckpointHandler(), NETWORKS: ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=handlers)
 
 
+def network_classes(pix2pix: recipe.Pix2Pix) -> Dict[str, str]:
+  """The qualified class names of ``pix2pix``'s networks, as a checkpoint records them."""
+  return {role: recipe.qualified_name(getattr(pix2pix, role)) for role in ("generator", "discriminator")}
+
+
 def save(manager: ocp.CheckpointManager, state: train.TrainState, step: int,
-         config: ml_collections.ConfigDict) -> None:
+         config: ml_collections.ConfigDict, pix2pix: recipe.Pix2Pix) -> None:
   """Saves (asynchronously) the state after ``step`` steps; the stream resumes at ``step``."""
   manager.save(step, args=ocp.args.Composite(**{
       STATE: ocp.args.StandardSave(state),
       DATA: ocp.args.JsonSave({"start_step": step}),
       CONFIG: ocp.args.JsonSave(config.to_dict()),
+      NETWORKS: ocp.args.JsonSave(network_classes(pix2pix)),
   }))
 
 
@@ -93,59 +94,51 @@ def _checked_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+  """The config of checkpoint ``step``, in today's keys (``configuration.upgrade``)."""
   restored = manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
-  return ml_collections.ConfigDict(restored[CONFIG])
+  return configuration.upgrade(restored[CONFIG])
 
 
-def abstract_state(config: ml_collections.ConfigDict,
-                   sharding: jax.sharding.Sharding) -> train.TrainState:
-  """The shapes and dtypes of ``config``'s TrainState, placed with ``sharding``."""
-  image_shape = (config.crop_size, config.crop_size, 3)
-  shapes = jax.eval_shape(lambda key: train.create_train_state(key, config, image_shape),
-                          jax.random.key(0))
-  return jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
+def _restore_networks(manager: ocp.CheckpointManager, step: int) -> Optional[Dict[str, str]]:
+  if not (epath.Path(manager.directory) / str(step) / NETWORKS).exists():
+    return None  # Written before checkpoints recorded the networks.
+  return manager.restore(step, args=ocp.args.Composite(**{NETWORKS: ocp.args.JsonRestore()}))[NETWORKS]
 
 
-def restore(manager: ocp.CheckpointManager, step: int, config: ml_collections.ConfigDict,
+def abstract_state(pix2pix: recipe.Pix2Pix, shapes, sharding: jax.sharding.Sharding) -> train.TrainState:
+  """The shapes and dtypes of ``pix2pix``'s TrainState for examples of ``shapes``, placed with ``sharding``."""
+  state = jax.eval_shape(lambda key: train.create_train_state(key, pix2pix, shapes), jax.random.key(0))
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, pix2pix: recipe.Pix2Pix, shapes,
             sharding: jax.sharding.Sharding):
   """Returns ``(state, start_step)`` of checkpoint ``step``, placed with ``sharding``.
 
   The arrays are read into the given sharding, whatever device layout wrote them.
   """
   restored = manager.restore(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardRestore(abstract_state(config, sharding)),
+      STATE: ocp.args.StandardRestore(abstract_state(pix2pix, shapes, sharding)),
       DATA: ocp.args.JsonRestore(),
   }))
   return restored[STATE], restored[DATA]["start_step"]
 
 
-def flatten_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-  """Every value of ``config`` under its dotted key, e.g. ``{"model.ngf": 64, ...}``."""
-  def flatten(tree, prefix):
-    flat = {}
-    for key, value in tree.items():
-      if isinstance(value, dict):
-        flat.update(flatten(value, f"{prefix}{key}."))
-      else:
-        flat[f"{prefix}{key}"] = value
-    return flat
-  return flatten(config.to_dict(), "")
-
-
-def check_compatible(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                     where: str) -> None:
-  """Raises a ValueError naming every key outside RESUMABLE_KEYS that differs."""
-  missing = "<absent>"
-  old, new = flatten_config(saved), flatten_config(config)
-  differing = sorted(key for key in old.keys() | new.keys()
-                     if key not in RESUMABLE_KEYS and old.get(key, missing) != new.get(key, missing))
-  if differing:
-    changes = "; ".join(f"config.{key}: {old.get(key, missing)!r} in the checkpoint, "
-                        f"{new.get(key, missing)!r} now" for key in differing)
-    raise ValueError(
-        f"{where} holds a checkpoint of a different run ({changes}). It was left untouched: "
-        "use another --workdir, or the checkpoint's values for these keys to resume it.")
+def pix2pix_of(manager: ocp.CheckpointManager, step: int, config: ml_collections.ConfigDict,
+               pix2pix: Optional[recipe.Pix2Pix] = None) -> recipe.Pix2Pix:
+  """``pix2pix``, or the one ``config`` builds; a ValueError if the checkpoint trained other networks."""
+  if pix2pix is not None:
+    return pix2pix
+  built = recipe.Pix2Pix.from_config(config, steps_per_epoch=1)  # The schedule does not shape the state.
+  recorded = _restore_networks(manager, step)
+  for role, name in network_classes(built).items():
+    if recorded is not None and recorded[role] != name:
+      raise ValueError(
+          f"Checkpoint {step} in {manager.directory} was trained with the {role} {recorded[role]}, "
+          f"which its config does not name (config.model.{role}={config.model[role]!r}): the networks "
+          "were given as Python objects. Load it from Python, passing the same networks, e.g. "
+          f"p2p_jax.load_generator(workdir, generator=...).")
+  return built
 
 
 def load_config(workdir, step: Optional[int] = None) -> ml_collections.ConfigDict:
@@ -154,15 +147,32 @@ def load_config(workdir, step: Optional[int] = None) -> ml_collections.ConfigDic
   return restore_config(manager, _checked_step(manager, step))
 
 
-def load_state(workdir, step: Optional[int] = None,
-               sharding: Optional[jax.sharding.Sharding] = None) -> train.TrainState:
-  """The latest ``TrainState`` in ``workdir`` (or that of ``step``).
+class Run(NamedTuple):
+  """A checkpoint of a run, loaded: its state, config (today's keys) and networks."""
+  state: train.TrainState
+  config: ml_collections.ConfigDict
+  pix2pix: recipe.Pix2Pix
 
-  By default the arrays go to the first local device; pass ``sharding`` to
-  place them elsewhere (for example replicated over a mesh).
+
+def load_run(workdir, step: Optional[int] = None, *, pix2pix: Optional[recipe.Pix2Pix] = None,
+             sharding: Optional[jax.sharding.Sharding] = None) -> Run:
+  """The latest checkpoint in ``workdir`` (or that of ``step``).
+
+  The networks are those the checkpoint's config names, unless ``pix2pix``
+  gives them (as for a run trained with networks given as objects). By
+  default the arrays go to the first local device; pass ``sharding`` to place
+  them elsewhere (for example replicated over a mesh).
   """
   manager = make_manager(workdir, create=False)
   step = _checked_step(manager, step)
+  config = restore_config(manager, step)
+  pix2pix = pix2pix_of(manager, step, config, pix2pix)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  state, _ = restore(manager, step, restore_config(manager, step), sharding)
-  return state
+  state, _ = restore(manager, step, pix2pix, configuration.image_shapes(config), sharding)
+  return Run(state, config, pix2pix)
+
+
+def load_state(workdir, step: Optional[int] = None, *, pix2pix: Optional[recipe.Pix2Pix] = None,
+               sharding: Optional[jax.sharding.Sharding] = None) -> train.TrainState:
+  """The ``TrainState`` of ``load_run``: the latest checkpoint in ``workdir`` (or that of ``step``)."""
+  return load_run(workdir, step, pix2pix=pix2pix, sharding=sharding).state

@@ -1,35 +1,69 @@
-"""Using a trained run: translating image files, and evaluating a checkpoint on a split.
+"""Using a trained generator: translating images, and evaluating a checkpoint on a split.
 
-The library side of ``experiments.translate`` and ``experiments.evaluate``
-(their absl flags cannot share one process), so tests and tools call it
-directly. Errors name the entry points' flags, which is what users type.
+``make_translate_fn`` and ``evaluate`` work on a state in memory (the training
+loop's sample sheets use the former); ``translate_paths`` and
+``evaluate_checkpoint`` are what ``experiments.translate`` and
+``experiments.evaluate`` run on a workdir. Errors name the arguments
+(``input_path=...``); the entry points say them as flags.
 """
 
 import json
 import pathlib
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
 import jax
+import ml_collections
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from p2p_jax import checkpoint, input_pipeline, summaries, trainer
+from p2p_jax import checkpoint, images, input_pipeline, metrics, recipe, summaries, train
 
 EVAL_DIR = "eval"
 _MAX_NAMED = 5
 
 
-def read_rgb(path) -> Image.Image:
-  """The image at ``path`` as 8-bit RGB; a ValueError names a file that does not decode."""
-  try:
-    with Image.open(path) as image:
-      if image.mode.startswith("I;16"):  # 16-bit grey (e.g. depth maps): scale, do not clip.
-        grey = np.round(np.asarray(image, np.float32) / 257.0).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-      return image.convert("RGB")
-  except (UnidentifiedImageError, OSError, SyntaxError) as error:  # PIL's errors for bad files.
-    raise ValueError(f"Cannot read image {path}: {error}") from None
+def make_translate_fn(generator, mode: str):
+  """``(state, images, rng) -> generated``, each image translated on its own.
+
+  In ``"paper"`` mode the generator normalises with the statistics of the
+  image itself and draws its own dropout mask, exactly what the reference's
+  test.py does with its batch size of 1.
+  """
+  if mode not in train.GENERATE_MODES:
+    raise ValueError(f"mode must be one of {train.GENERATE_MODES}, got {mode!r}")
+
+  def translate(state, images, rng):
+    def one(image, key):
+      return train.generate(state, image[None], key, mode, generator=generator)[0]
+    return jax.vmap(one)(images, jax.random.split(rng, images.shape[0]))
+
+  return translate
+
+
+def evaluate(state: train.TrainState, generator, config: ml_collections.ConfigDict, *,
+             split: Optional[str] = None, mode: str = "eval", batch_size: Optional[int] = None,
+             seed: int = 0) -> Tuple[Dict[str, float], np.ndarray]:
+  """Mean L1, PSNR and SSIM over a split, and a sample sheet of its first images.
+
+  Single-process; ``seed`` draws the dropout masks in ``"paper"`` mode.
+  """
+  translate = jax.jit(make_translate_fn(generator, mode))
+  dataset = input_pipeline.make_eval_dataset(config, batch_size=batch_size, split=split)
+  totals, count, sheet_parts = {}, 0, []
+  for index, batch in enumerate(dataset.as_numpy_iterator()):
+    generated = translate(state, batch["A"], jax.random.fold_in(jax.random.key(seed), index))
+    for name, values in jax.device_get(metrics.image_metrics(generated, batch["B"])).items():
+      totals[name] = totals.get(name, 0.0) + float(np.sum(values))
+    count += len(batch["A"])
+    if sum(len(p[0]) for p in sheet_parts) < config.num_sample_images:
+      sheet_parts.append((batch["A"], np.asarray(generated), batch["B"]))
+  if not count:
+    raise ValueError(f"The eval split {split or config.eval_split!r} of {config.dataset!r} is empty.")
+  columns = [np.concatenate(c)[:config.num_sample_images] for c in zip(*sheet_parts)]
+  means = {name: total / count for name, total in totals.items()}
+  means["num_images"] = count
+  return means, summaries.sample_sheet(*columns)
 
 
 def list_images(path) -> List[pathlib.Path]:
@@ -40,24 +74,17 @@ def list_images(path) -> List[pathlib.Path]:
   """
   path = pathlib.Path(path).expanduser()
   if path.is_dir():
-    paths = sorted(p for p in path.iterdir()
-                   if p.is_file() and p.suffix.lower() in input_pipeline.IMAGE_EXTENSIONS)
+    paths = images.image_files(path)
     if not paths:
-      raise ValueError(f"--input {path}: no {'/'.join(input_pipeline.IMAGE_EXTENSIONS)} files "
-                       "in this folder.")
+      raise ValueError(f"input_path={path}: no {'/'.join(images.IMAGE_EXTENSIONS)} files in this folder.")
   elif path.is_file():
     paths = [path]
   else:
-    raise FileNotFoundError(f"--input {path}: no such file or folder.")
-  errors = []
-  for p in paths:
-    try:
-      read_rgb(p).close()
-    except ValueError as error:
-      errors.append(str(error))
+    raise FileNotFoundError(f"input_path={path}: no such file or folder.")
+  errors = [f"Cannot read image {p}: {error}" for p, error in images.decode_errors(paths).items()]
   if errors:
     more = f"; and {len(errors) - _MAX_NAMED} more" if len(errors) > _MAX_NAMED else ""
-    raise ValueError(f"--input {path}: {len(errors)} of {len(paths)} images do not decode. "
+    raise ValueError(f"input_path={path}: {len(errors)} of {len(paths)} images do not decode. "
                      f"{'; '.join(errors[:_MAX_NAMED])}{more}")
   return paths
 
@@ -72,42 +99,47 @@ def _to_image(array: np.ndarray, size) -> Image.Image:
   return Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC)
 
 
+def _check_batch_size(batch_size: int) -> None:
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}: must be positive.")
+
+
 def translate_paths(workdir, input_path, output_dir, *, step: Optional[int] = None,
-                    mode: str = "eval", batch_size: int = 8, seed: int = 0) -> List[pathlib.Path]:
+                    mode: str = "eval", batch_size: int = 8, seed: int = 0,
+                    pix2pix: Optional[recipe.Pix2Pix] = None) -> List[pathlib.Path]:
   """Translates the image(s) at ``input_path`` into ``output_dir``; returns the written paths.
 
   Each image is resized to the model's size, translated in the direction the
   run was trained in, and the result resized back and saved as
-  ``output_dir/<name>.png``.
+  ``output_dir/<name>.png``. ``pix2pix`` gives the networks of a run trained
+  with networks given as Python objects.
   """
-  if batch_size < 1:
-    raise ValueError(f"--batch_size must be positive, got {batch_size}")
+  _check_batch_size(batch_size)
   output_dir = pathlib.Path(output_dir).expanduser()
   if output_dir.exists() and not output_dir.is_dir():
-    raise ValueError(f"--output {output_dir} is a file: give a folder for the translated images.")
+    raise ValueError(f"output_dir={output_dir} is a file: give a folder for the translated images.")
   paths = list_images(input_path)
   if output_dir.resolve() in {p.parent.resolve() for p in paths}:
-    raise ValueError(f"--output {output_dir} is the input folder: choose another folder, so no "
+    raise ValueError(f"output_dir={output_dir} is the input folder: choose another folder, so no "
                      "input is overwritten.")
   stems = [p.stem for p in paths]
   clashes = sorted({s for s in stems if stems.count(s) > 1})
   if clashes:
-    raise ValueError(f"--input {input_path}: several files would be written as "
+    raise ValueError(f"input_path={input_path}: several files would be written as "
                      f"{output_dir / (clashes[0] + '.png')}; rename them apart.")
-  config = checkpoint.load_config(workdir, step)
-  state = checkpoint.load_state(workdir, step)
+  run = checkpoint.load_run(workdir, step, pix2pix=pix2pix)
   logging.info("Translating %d image(s) with the step %d generator (config.direction=%s, "
-               "mode=%s).", len(paths), int(state.step), config.direction, mode)
-  translate = jax.jit(trainer.make_translate_fn(config, mode))
+               "mode=%s).", len(paths), int(run.state.step), run.config.direction, mode)
+  translate = jax.jit(make_translate_fn(run.pix2pix.generator, mode))
   output_dir.mkdir(parents=True, exist_ok=True)
-  size, written = config.crop_size, []
+  size, written = run.config.crop_size, []
   for start in range(0, len(paths), batch_size):
-    images = [read_rgb(p) for p in paths[start:start + batch_size]]
+    originals = [images.read_rgb(p) for p in paths[start:start + batch_size]]
     batch = np.zeros((batch_size, size, size, 3), np.float32)  # one shape: one compilation
-    batch[:len(images)] = [_to_model_input(image, size) for image in images]
+    batch[:len(originals)] = [_to_model_input(image, size) for image in originals]
     key = jax.random.fold_in(jax.random.key(seed), start)
-    generated = np.asarray(translate(state, batch, key))
-    for path, image, result in zip(paths[start:], images, generated):
+    generated = np.asarray(translate(run.state, batch, key))
+    for path, image, result in zip(paths[start:], originals, generated):
       target = output_dir / f"{path.stem}.png"
       _to_image(result, image.size).save(target)
       written.append(target)
@@ -115,25 +147,26 @@ def translate_paths(workdir, input_path, output_dir, *, step: Optional[int] = No
 
 
 def evaluate_checkpoint(workdir, *, step: Optional[int] = None, split: Optional[str] = None,
-                        mode: str = "eval", batch_size: int = 8,
-                        data_dir: Optional[str] = None) -> Dict[str, Any]:
+                        mode: str = "eval", batch_size: int = 8, data_dir: Optional[str] = None,
+                        pix2pix: Optional[recipe.Pix2Pix] = None) -> Dict[str, Any]:
   """Evaluates a checkpoint of ``workdir`` on a split and writes the results; returns them.
 
   Writes ``<workdir>/eval/<split>_<mode>_step<N>.json``, TensorBoard scalars
   and the sample sheet in ``<workdir>/eval``, and the sheet as a PNG (with an
-  index.html) in ``<workdir>/eval/<split>_<mode>/``.
+  index.html) in ``<workdir>/eval/<split>_<mode>/``. ``workdir`` may be a URL
+  (``gs://...``), as in training.
   """
-  if batch_size < 1:
-    raise ValueError(f"--batch_size must be positive, got {batch_size}")
-  config = checkpoint.load_config(workdir, step)
+  _check_batch_size(batch_size)
+  run = checkpoint.load_run(workdir, step, pix2pix=pix2pix)
+  config = run.config
   if data_dir is not None:
     config.data_dir = data_dir
-  state = checkpoint.load_state(workdir, step)
-  step, split = int(state.step), split or config.eval_split
-  means, sheet = trainer.evaluate(state, config, split=split, mode=mode, batch_size=batch_size)
+  step, split = int(run.state.step), split or config.eval_split
+  means, sheet = evaluate(run.state, run.pix2pix.generator, config, split=split, mode=mode,
+                          batch_size=batch_size)
   results = {"step": step, "split": split, "mode": mode, "dataset": config.dataset, **means}
 
-  out = pathlib.Path(workdir).expanduser() / EVAL_DIR
+  out = checkpoint.workdir_path(workdir) / EVAL_DIR
   out.mkdir(parents=True, exist_ok=True)
   (out / f"{split}_{mode}_step{step}.json").write_text(json.dumps(results, indent=2) + "\n")
   summaries.write_samples(out / f"{split}_{mode}", step, sheet)

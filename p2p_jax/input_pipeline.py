@@ -9,9 +9,7 @@ are a function of the seed alone, whatever the number of hosts, and a run
 resumed at step k reads exactly what an uninterrupted run would have.
 """
 
-import concurrent.futures
 import dataclasses
-import os
 import pathlib
 from typing import Callable, List, Optional, Tuple
 
@@ -19,15 +17,10 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
 import tensorflow as tf
 
-from p2p_jax import models
+from p2p_jax import images
 from p2p_jax.datasets import pix2pix, synthetic
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-PREPROCESS_MODES = ("resize_and_crop", "crop", "scale_width", "none")
-DIRECTIONS = ("AtoB", "BtoA")
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -51,33 +44,9 @@ class PairSource:
     return len(self.filenames)
 
 
-def _image_files(folder: pathlib.Path) -> List[pathlib.Path]:
-  return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def _image_size(path: pathlib.Path) -> Tuple[int, int]:
-  """(width, height) after decoding the whole file, so a truncated one fails here.
-
-  JPEGs decode at 1/8 scale (DCT scaling still reads every byte), about the
-  cost of two header reads.
-  """
-  with Image.open(path) as image:
-    width, height = image.size
-    image.draft("RGB", (width // 8, height // 8))
-    image.load()
-  return width, height
-
-
 def _check_images(paths: List[pathlib.Path], side_by_side: bool, skip_bad_files: bool) -> List[pathlib.Path]:
   """Decodes every file once, so a bad one is named before any training."""
-  def inspect(path):
-    try:
-      return _image_size(path)
-    except (OSError, SyntaxError) as error:  # PIL's errors for unreadable files.
-      return error
-
-  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes without the GIL.
-    sizes = list(pool.map(inspect, paths))
+  sizes = images.decode_all(paths)
   good, bad = [], []
   for path, size in zip(paths, sizes):
     if isinstance(size, Exception):
@@ -103,8 +72,8 @@ def _folder_source(root: pathlib.Path, split: str, skip_bad_files: bool, cache: 
   split_dir = root / split
   a_dir, b_dir = split_dir / "A", split_dir / "B"
   if a_dir.is_dir() and b_dir.is_dir():
-    a_files = _image_files(a_dir)
-    b_names = {p.name for p in _image_files(b_dir)}
+    a_files = images.image_files(a_dir)
+    b_names = {p.name for p in images.image_files(b_dir)}
     missing = [p.name for p in a_files if p.name not in b_names]
     if missing:
       raise ValueError(f"{len(missing)} images in {a_dir} have no namesake in {b_dir}, e.g. {missing[0]!r}.")
@@ -115,11 +84,11 @@ def _folder_source(root: pathlib.Path, split: str, skip_bad_files: bool, cache: 
     pairs = (a_files, [b_dir / p.name for p in a_files])
     side_by_side = False
   else:
-    files = _image_files(split_dir) if split_dir.is_dir() else []
+    files = images.image_files(split_dir) if split_dir.is_dir() else []
     if not files:
       raise ValueError(
           f"No images for split {split!r} of dataset {root}: looked for "
-          f"{split_dir}/*{{{','.join(IMAGE_EXTENSIONS)}}} (A|B side by side) and for the folders "
+          f"{split_dir}/*{{{','.join(images.IMAGE_EXTENSIONS)}}} (A|B side by side) and for the folders "
           f"{a_dir} and {b_dir}. Set config.train_split / config.eval_split to the folder names.")
     pairs = (_check_images(files, True, skip_bad_files), None)
     side_by_side = True
@@ -183,33 +152,14 @@ def pair_source(config: ml_collections.ConfigDict, split: str) -> PairSource:
   return _folder_source(root, split, config.skip_bad_files, config.cache)
 
 
-def _check_batch_size(config: ml_collections.ConfigDict, process_count: int) -> None:
-  if config.batch_size < 1 or config.batch_size % process_count:
-    raise ValueError(f"config.batch_size={config.batch_size} must be a positive multiple of the "
-                     f"number of processes ({process_count}): it is the global batch size.")
-
-
-def validate_config(config: ml_collections.ConfigDict, process_count: Optional[int] = None) -> None:
-  """Raises a ValueError naming the config key for settings no pipeline can serve."""
-  if config.preprocess not in PREPROCESS_MODES:
-    raise ValueError(f"config.preprocess must be one of {PREPROCESS_MODES}, got {config.preprocess!r}")
-  if config.direction not in DIRECTIONS:
-    raise ValueError(f"config.direction must be one of {DIRECTIONS}, got {config.direction!r}")
-  if config.preprocess in ("resize_and_crop", "scale_width") and config.crop_size > config.load_size:
-    raise ValueError(f"config.crop_size={config.crop_size} is larger than config.load_size="
-                     f"{config.load_size}: a random crop must fit in the resized image.")
-  _check_batch_size(config, jax.process_count() if process_count is None else process_count)
-  models.check_image_size(config.model, config.crop_size)
-
-
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   return pair_source(config, split).num_examples
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict, process_count: int = 1) -> int:
-  """Global batches per epoch, whatever the process_count (which must divide config.batch_size)."""
-  _check_batch_size(config, process_count)
-  return max(1, num_examples(config, config.train_split) // config.batch_size)
+def steps_per_epoch(config: ml_collections.ConfigDict, source: Optional[PairSource] = None) -> int:
+  """Global batches per epoch of the training split (``source``, if given, is that split)."""
+  source = source or pair_source(config, config.train_split)
+  return max(1, source.num_examples // config.batch_size)
 
 
 def _decode_pair(encoded_a, encoded_b, side_by_side: bool, direction: str):
@@ -292,13 +242,16 @@ def _stream_positions(num: int, seed: int, start_step: int, global_batch: int, l
 
 
 def make_train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0,
-                       process_index: Optional[int] = None,
-                       process_count: Optional[int] = None) -> tf.data.Dataset:
-  """The endless, jittered training stream of local batches {"A", "B"} in [-1, 1]."""
+                       process_index: Optional[int] = None, process_count: Optional[int] = None,
+                       source: Optional[PairSource] = None) -> tf.data.Dataset:
+  """The endless, jittered training stream of local batches {"A", "B"} in [-1, 1].
+
+  ``config`` is assumed checked (``configuration.check``); ``source``, if
+  given, is its training split, opened already.
+  """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  validate_config(config, process_count)
-  source = pair_source(config, config.train_split)
+  source = source or pair_source(config, config.train_split)
   local_batch = config.batch_size // process_count
   positions = _stream_positions(source.num_examples, config.seed, start_step, config.batch_size,
                                 local_batch, process_index)
@@ -317,10 +270,12 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0
 
 
 def make_eval_dataset(config: ml_collections.ConfigDict, *, batch_size: Optional[int] = None,
-                      split: Optional[str] = None) -> tf.data.Dataset:
-  """The eval split in order, resized to crop_size, no jitter; the last batch may be short."""
-  validate_config(config, process_count=1)
-  source = pair_source(config, split or config.eval_split)
+                      split: Optional[str] = None, source: Optional[PairSource] = None) -> tf.data.Dataset:
+  """The eval split in order, resized to crop_size, no jitter; the last batch may be short.
+
+  ``source``, if given, is that split, opened already.
+  """
+  source = source or pair_source(config, split or config.eval_split)
   filenames = tf.constant(source.filenames)
 
   def load(index):

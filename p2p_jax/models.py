@@ -4,7 +4,8 @@ Layer for layer these are the networks of the PyTorch reference
 (junyanz/pytorch-CycleGAN-and-pix2pix, ``models/networks.py``), so identical
 weights give identical outputs and the parameter counts match exactly.
 All modules take NHWC inputs and a ``train`` flag; batch statistics live in the
-``batch_stats`` collection and dropout draws from the ``dropout`` RNG.
+``batch_stats`` collection and dropout draws from the ``dropout`` RNG. A
+generator's ``size_multiple`` is what its input sides must be a multiple of.
 """
 
 from typing import Any, Optional, Sequence, Tuple
@@ -16,6 +17,8 @@ import ml_collections
 from p2p_jax import layers
 
 Dtype = Any
+GENERATORS = ("unet", "resnet")
+DISCRIMINATORS = ("patchgan",)
 
 
 def _use_bias(norm: str) -> bool:
@@ -41,6 +44,10 @@ class UNetGenerator(nn.Module):
   upconv_impl: str = "auto"
   axis_name: Optional[str] = None
   dtype: Optional[Dtype] = None
+
+  @property
+  def size_multiple(self) -> int:
+    return 2 ** self.num_downs
 
   def _widths(self) -> Sequence[Tuple[int, int]]:
     """(outer, inner) channels of each block, outermost first."""
@@ -88,6 +95,7 @@ class ResnetGenerator(nn.Module):
   conv_impl: str = "auto"
   axis_name: Optional[str] = None
   dtype: Optional[Dtype] = None
+  size_multiple = 4  # Two stride-2 convolutions down, two transposed ones up.
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -148,7 +156,11 @@ def patch_output_size(n_layers: int, size: int) -> int:
 
 
 class PatchDiscriminator(nn.Module):
-  """The conditional PatchGAN: classifies each patch of the (source, target) pair."""
+  """The conditional PatchGAN: classifies each patch of the (source, target) pair.
+
+  Each hidden layer's activation is sown into ``intermediates`` as
+  ``features_<i>``, for generator terms such as feature matching.
+  """
   n_layers: int = 3
   ndf: int = 64
   norm: str = "batch"
@@ -172,20 +184,24 @@ class PatchDiscriminator(nn.Module):
       if normed:
         h = layers.Norm(self.norm, self.axis_name, name=f"norm_{i}")(h, train)
       h = nn.leaky_relu(h, 0.2)
+      self.sow("intermediates", f"features_{i}", h)
 
 
-def make_generator(model: ml_collections.ConfigDict, axis_name: Optional[str] = None) -> nn.Module:
-  """The generator named by ``model.generator`` (``unet`` or ``resnet``)."""
-  common = dict(ngf=model.ngf, norm=model.norm, use_dropout=model.use_dropout,
+def make_generator(model: ml_collections.ConfigDict, out_channels: int,
+                   axis_name: Optional[str] = None) -> nn.Module:
+  """The built-in generator named by ``model.generator`` (``unet`` or ``resnet``)."""
+  common = dict(ngf=model.ngf, out_channels=out_channels, norm=model.norm, use_dropout=model.use_dropout,
                 conv_impl=model.conv_impl, axis_name=axis_name, dtype=jnp.dtype(model.dtype))
   if model.generator == "unet":
     return UNetGenerator(num_downs=model.num_downs, upconv_impl=model.upconv_impl, **common)
   if model.generator == "resnet":
     return ResnetGenerator(n_blocks=model.n_blocks, **common)
-  raise ValueError(f"config.model.generator must be 'unet' or 'resnet', got {model.generator!r}")
+  raise ValueError(f"config.model.generator={model.generator!r} is none of the built-in generators "
+                   f"{GENERATORS}.")
 
 
 def make_discriminator(model: ml_collections.ConfigDict, axis_name: Optional[str] = None) -> nn.Module:
+  """The built-in discriminator, the PatchGAN with ``model.n_layers_d`` layers."""
   return PatchDiscriminator(n_layers=model.n_layers_d, ndf=model.ndf, norm=model.norm,
                             conv_impl=model.conv_impl, axis_name=axis_name, dtype=jnp.dtype(model.dtype))
 

@@ -77,5 +77,11 @@ def write_samples(directory, step: int, sheet: np.ndarray) -> epath.Path:
 
 
 def create_writer(logdir) -> metric_writers.MetricWriter:
-  """TensorBoard event files in ``logdir`` plus log lines; only logs on processes > 0."""
-  return metric_writers.create_default_writer(str(logdir), just_logging=jax.process_index() > 0)
+  """TensorBoard event files in ``logdir``, written by process 0 only.
+
+  The terminal's lines come from ``progress``; clu's logging writer would add
+  its own for every write (images included).
+  """
+  if jax.process_index() > 0:
+    return metric_writers.MultiWriter([])
+  return metric_writers.SummaryWriter(str(logdir))

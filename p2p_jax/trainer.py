@@ -1,4 +1,4 @@
-"""The training loop, ``train_and_evaluate(config, workdir)``, and evaluation.
+"""The training loop, ``train_and_evaluate(config, workdir, pix2pix=None)``.
 
 The loop is data parallel from the start: one ``jax.sharding.Mesh`` over all
 devices of all processes with one axis, ``data``; the state is replicated, each
@@ -6,8 +6,12 @@ global batch is sharded along ``data`` and assembled from every process's own
 slice. The same code runs on one CPU, on several devices and on many hosts, and
 computes the same thing on all of them: batch norm uses the statistics of the
 whole global batch and dropout draws one mask for it, as one device holding the
-global batch would (see ``make_train_step``). A checkpoint therefore resumes on
+global batch would (see ``parallel.make_train_step``). A checkpoint therefore resumes on
 any number of devices and hosts and continues the same run.
+
+The networks, optimisers and losses are those ``config`` names, or a
+``recipe.Pix2Pix`` given as ``pix2pix``: everything here (resumption, the
+non-finite check, sample sheets, TensorBoard) works the same for both.
 
 A run is resumable at every checkpoint and the resumed run is exact: the data
 stream resumes at the checkpoint's step, and the dropout key is a function of
@@ -17,119 +21,24 @@ the first step that produced it and no non-finite state is ever saved.
 """
 
 import contextlib
-import functools
 import signal
 import threading
-import time
 from typing import Dict, Optional, Tuple
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
-from p2p_jax import checkpoint, input_pipeline, metrics, summaries, train
-
-DATA_AXIS = "data"
-_POSITIVE_KEYS = ("log_every_steps", "checkpoint_every_steps", "sample_every_steps",
-                  "keep_checkpoints", "num_sample_images")
+from p2p_jax import (checkpoint, configuration, inference, input_pipeline, parallel, progress, recipe,
+                     summaries, train)
 
 
 class NonFiniteError(FloatingPointError):
   """A loss or the state became NaN or infinite; nothing after the last good checkpoint was saved."""
-
-
-def make_mesh(devices=None) -> Mesh:
-  """A one-axis (``data``) mesh over ``devices``, all devices of all processes by default.
-
-  The devices go in process order, so process p's devices hold rows
-  [p*B/P, (p+1)*B/P) of a global batch of B, the slice its input pipeline reads
-  (``jax.devices()`` is ordered by device id, which on TPU pods need not follow
-  the hosts).
-  """
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))), (DATA_AXIS,))
-
-
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-  """The global batch must split evenly over the devices (and so over the processes)."""
-  if batch_size < 1 or batch_size % mesh.size:
-    raise ValueError(
-        f"config.batch_size={batch_size} must be a positive multiple of the number of devices, "
-        f"{mesh.size} ({jax.process_count()} process(es) x {len(mesh.local_devices)} local "
-        "device(s)): it is the global batch size, and every device takes an equal share.")
-
-
-def make_train_step(config: ml_collections.ConfigDict, mesh: Mesh):
-  """``train.train_step`` jitted over ``mesh``: state replicated and donated, batch split on ``data``.
-
-  XLA partitions the one-device program, so batch norm normalises with the
-  statistics of the global batch (synchronised, whatever
-  ``config.model.sync_batch_stats`` says: that flag is for ``pmap``, where each
-  device otherwise uses its own) and dropout draws one mask for the global
-  batch. The result depends on the seed and the global batch size only, not on
-  how many devices or hosts share the batch; per-device statistics would make a
-  checkpoint resumed on another device count continue a different run.
-  Metrics are means over the global batch.
-  """
-  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-  return jax.jit(functools.partial(train.train_step, config=config),
-                 in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                 donate_argnums=0, compiler_options=train.COMPILER_OPTIONS)
-
-
-def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A checked copy of ``config`` with ``steps_per_epoch`` set from the training split."""
-  config = config.copy_and_resolve_references()
-  for key in _POSITIVE_KEYS:
-    if not isinstance(config[key], int) or config[key] < 1:
-      raise ValueError(f"config.{key} must be a positive int, got {config[key]!r}")
-  if config.num_train_steps <= 0 and config.num_epochs < 1:
-    raise ValueError(f"config.num_epochs={config.num_epochs} with config.num_train_steps="
-                     f"{config.num_train_steps}: set one of them to a positive number.")
-  input_pipeline.validate_config(config)
-  config.steps_per_epoch = input_pipeline.steps_per_epoch(config)
-  return config
-
-
-def total_steps(config: ml_collections.ConfigDict) -> int:
-  """``num_train_steps`` if positive, else ``num_epochs`` epochs."""
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  return config.num_epochs * config.steps_per_epoch
-
-
-def make_translate_fn(config: ml_collections.ConfigDict, mode: str):
-  """``(state, images, rng) -> generated``, each image translated on its own.
-
-  In ``"paper"`` mode the generator normalises with the statistics of the
-  image itself and draws its own dropout mask, exactly what the reference's
-  test.py does with its batch size of 1; batching changes nothing.
-  """
-  if mode not in train.GENERATE_MODES:
-    raise ValueError(f"mode must be one of {train.GENERATE_MODES}, got {mode!r}")
-
-  def translate(state, images, rng):
-    def one(image, key):
-      return train.generate(state, image[None], key, mode, config=config)[0]
-    return jax.vmap(one)(images, jax.random.split(rng, images.shape[0]))
-
-  return translate
-
-
-def to_host(tree):
-  """Host copies of replicated arrays (also of arrays other processes hold a copy of)."""
-  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-
-def _replicate(tree, sharding: NamedSharding):
-  """Global arrays from host arrays that every process holds in full."""
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), tree)
 
 
 @jax.jit
@@ -180,10 +89,9 @@ class _StopRequest:
 class _PendingMetrics:
   """Step metrics left on the devices until the next log or checkpoint."""
 
-  def __init__(self, writer, schedule):
-    self.writer, self.schedule = writer, schedule
+  def __init__(self, writer, terminal: progress.Progress, learning_rate):
+    self.writer, self.terminal, self.learning_rate = writer, terminal, learning_rate
     self.pending = []
-    self.last_time, self.last_step = time.perf_counter(), None
 
   def add(self, step: int, step_metrics) -> None:
     self.pending.append((step, step_metrics))
@@ -193,7 +101,7 @@ class _PendingMetrics:
     if not self.pending:
       return {}
     steps, values = zip(*self.pending)
-    values = to_host(values)
+    values = parallel.to_host(values)
     self.pending = []
     for s, v in zip(steps, values):
       bad = {name: float(x) for name, x in v.items() if not np.isfinite(x)}
@@ -202,139 +110,120 @@ class _PendingMetrics:
             f"Step {s} gave a non-finite loss ({', '.join(f'{k}={x}' for k, x in bad.items())}); "
             f"stopped without saving anything after it. The checkpoints in {where} are kept; "
             "lower config.optim.lr or check the data, then run again to resume from the latest.")
-    now = time.perf_counter()
     scalars = {name: float(np.mean([v[name] for v in values])) for name in values[0]}
-    scalars["learning_rate"] = float(self.schedule(step - 1))
-    if self.last_step is not None:
-      scalars["steps_per_second"] = (step - self.last_step) / (now - self.last_time)
-    self.last_time, self.last_step = now, step
+    if self.learning_rate is not None:
+      scalars["learning_rate"] = float(self.learning_rate(step - 1))
+    rate = self.terminal.log(step, scalars)
+    if rate is not None:
+      scalars["steps_per_second"] = rate
     self.writer.write_scalars(step, scalars)
     return scalars
 
 
-def _restore_or_init(manager, config, sharding, workdir) -> Tuple[train.TrainState, int]:
+def _restore_or_init(manager, config, pix2pix, sharding, workdir) -> Tuple[train.TrainState, int]:
+  shapes = configuration.image_shapes(config)
   latest = manager.latest_step()
   if latest is None:
-    init = lambda key: train.create_train_state(key, config, (config.crop_size, config.crop_size, 3))
+    init = lambda key: train.create_train_state(key, pix2pix, shapes)
     state = jax.jit(init, out_shardings=sharding)(jax.random.key(config.seed))
     return state, 0
   saved = checkpoint.restore_config(manager, latest)
-  checkpoint.check_compatible(saved, config, f"--workdir {workdir}")
-  state, start_step = checkpoint.restore(manager, latest, config, sharding)
+  configuration.check_compatible(saved, config, f"workdir={workdir}")
+  state, start_step = checkpoint.restore(manager, latest, pix2pix, shapes, sharding)
   logging.info("Resuming from the checkpoint of step %d in %s.", latest, manager.directory)
   return state, start_step
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> train.TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
+                       pix2pix: Optional[recipe.Pix2Pix] = None) -> train.TrainState:
   """Trains (or resumes training) into ``workdir``; returns the final state.
 
-  ``workdir`` receives ``checkpoints/``, TensorBoard event files and
-  ``samples/`` (sample sheets and ``index.html``); it is a local path or a URL
-  such as ``gs://bucket/run``, and every process of a multi-host run must see
-  the same one. Stops early, after saving, on SIGTERM or SIGINT; raises
-  NonFiniteError on a non-finite loss.
+  The networks, optimisers and losses are ``pix2pix`` if given, else those
+  ``config`` names (``Pix2Pix.from_config``). ``workdir`` receives
+  ``checkpoints/``, TensorBoard event files and ``samples/`` (sample sheets
+  and ``index.html``); it is a local path or a URL such as
+  ``gs://bucket/run``, and every process of a multi-host run must see the
+  same one. Stops early, after saving, on SIGTERM or SIGINT; raises
+  NonFiniteError on a non-finite loss, and a ValueError naming the config key
+  for a setting it cannot run, before anything is written.
   """
   # From the start: a signal during set-up (data, restore, compilation) must
   # not kill the process, it only stops it before the first step.
   stop = _StopRequest()
   with stop.installed():
-    return _train_and_evaluate(config, workdir, stop)
+    return _train_and_evaluate(config, workdir, pix2pix, stop)
 
 
-def _train_and_evaluate(config, workdir, stop: _StopRequest) -> train.TrainState:
+def _train_and_evaluate(config, workdir, pix2pix, stop: _StopRequest) -> train.TrainState:
   workdir = checkpoint.workdir_path(workdir)
-  mesh = make_mesh()
-  check_batch_size(config.batch_size, mesh)
-  config = prepare_config(config)
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+  mesh = parallel.make_mesh()
+  configuration.check(config, num_devices=mesh.size, num_processes=jax.process_count(), pix2pix=pix2pix)
+  train_source = input_pipeline.pair_source(config, config.train_split)
+  eval_source = input_pipeline.pair_source(config, config.eval_split)
+  steps_per_epoch = input_pipeline.steps_per_epoch(config, train_source)
+  pix2pix = pix2pix or recipe.Pix2Pix.from_config(config, steps_per_epoch=steps_per_epoch)
+  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(parallel.DATA_AXIS))
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
-  state, start_step = _restore_or_init(manager, config, replicated, workdir)
-  num_steps = total_steps(config)
+  state, start_step = _restore_or_init(manager, config, pix2pix, replicated, workdir)
+  num_steps = recipe.total_steps(config, steps_per_epoch)
   if start_step >= num_steps:
     logging.info("Nothing to do: the checkpoint is at step %d of %d.", start_step, num_steps)
     return state
   logging.info("Training steps %d to %d (%d per epoch) on %d device(s) in %d process(es); batch "
                "norm and dropout act on the global batch of %d.", start_step, num_steps,
-               config.steps_per_epoch, mesh.size, jax.process_count(), config.batch_size)
+               steps_per_epoch, mesh.size, jax.process_count(), config.batch_size)
 
-  step_fn = make_train_step(config, mesh)
-  sample_fn = jax.jit(make_translate_fn(config, "eval"), out_shardings=replicated)
+  step_fn = parallel.make_train_step(pix2pix, mesh)
+  sample_fn = jax.jit(inference.make_translate_fn(pix2pix.generator, "eval"), out_shardings=replicated)
   samples = next(input_pipeline.make_eval_dataset(
-      config, batch_size=config.num_sample_images).as_numpy_iterator())
-  sample_inputs = _replicate(samples["A"], replicated)
-  batches = input_pipeline.make_train_dataset(config, start_step=start_step).as_numpy_iterator()
+      config, batch_size=config.num_sample_images, source=eval_source).as_numpy_iterator())
+  sample_inputs = parallel.replicate(samples["A"], replicated)
+  batches = input_pipeline.make_train_dataset(config, start_step=start_step,
+                                              source=train_source).as_numpy_iterator()
 
-  writer = summaries.create_writer(workdir)
-  log = _PendingMetrics(writer, train.learning_rate_schedule(config))
-  checkpoints = checkpoint.checkpoint_dir(workdir)
   is_main = jax.process_index() == 0
+  writer = summaries.create_writer(workdir)
+  checkpoints = checkpoint.checkpoint_dir(workdir)
 
   def write_samples(state, step):
-    generated = to_host(sample_fn(state, sample_inputs, jax.random.key(0)))
+    generated = parallel.to_host(sample_fn(state, sample_inputs, jax.random.key(0)))
     sheet = summaries.sample_sheet(samples["A"], generated, samples["B"])
     if is_main:
       summaries.write_samples(workdir / summaries.SAMPLES_DIR, step, sheet)
     writer.write_images(step, {"samples": sheet[None]})
 
-  def save(state, step):
+  def save(state, step, log):
     log.flush(step, checkpoints)
-    if not to_host(_all_finite(state)):
+    if not parallel.to_host(_all_finite(state)):
       raise NonFiniteError(f"The state after step {step} is not finite; it was not saved. The "
                            f"checkpoints in {checkpoints} are kept; lower config.optim.lr.")
-    checkpoint.save(manager, state, step, config)
+    checkpoint.save(manager, state, step, config, pix2pix)
 
   if stop.agreed(at_sync_point=True):
     logging.warning("Stopped by %s before step %d; nothing new to save in %s.", stop.signal_name,
                     start_step + 1, checkpoints)
     return state
-  progress = tqdm.tqdm(total=num_steps, initial=start_step, unit="step", disable=not is_main,
-                       dynamic_ncols=True)
   try:
-    for step in range(start_step + 1, num_steps + 1):
-      batch = jax.tree_util.tree_map(
-          lambda x: jax.make_array_from_process_local_data(batch_sharding, x), next(batches))
-      state, step_metrics = step_fn(state, batch)
-      log.add(step, step_metrics)
-      progress.update()
-      stopping = stop.agreed(at_sync_point=step % config.log_every_steps == 0)
-      if step % config.log_every_steps == 0:
-        scalars = log.flush(step, checkpoints)
-        progress.set_postfix({k: f"{scalars[k]:.3g}" for k in ("d_loss", "g_gan", "g_l1")})
-      if step % config.sample_every_steps == 0 or step == num_steps:
-        write_samples(state, step)
-      if step % config.checkpoint_every_steps == 0 or step == num_steps or stopping:
-        save(state, step)
-      if stopping:
-        logging.warning("Stopped by %s after step %d; saved a checkpoint in %s.",
-                        stop.signal_name, step, checkpoints)
-        break
+    with progress.Progress(num_steps, start_step, enabled=is_main) as terminal:
+      log = _PendingMetrics(writer, terminal, pix2pix.learning_rate)
+      for step in range(start_step + 1, num_steps + 1):
+        batch = jax.tree_util.tree_map(
+            lambda x: jax.make_array_from_process_local_data(batch_sharding, x), next(batches))
+        state, step_metrics = step_fn(state, batch)
+        log.add(step, step_metrics)
+        terminal.update()
+        stopping = stop.agreed(at_sync_point=step % config.log_every_steps == 0)
+        if step % config.log_every_steps == 0:
+          log.flush(step, checkpoints)
+        if step % config.sample_every_steps == 0 or step == num_steps:
+          write_samples(state, step)
+        if step % config.checkpoint_every_steps == 0 or step == num_steps or stopping:
+          save(state, step, log)
+        if stopping:
+          logging.warning("Stopped by %s after step %d; saved a checkpoint in %s.",
+                          stop.signal_name, step, checkpoints)
+          break
   finally:
-    progress.close()
     manager.wait_until_finished()
     writer.flush()
   return state
-
-
-def evaluate(state: train.TrainState, config: ml_collections.ConfigDict, *,
-             split: Optional[str] = None, mode: str = "eval", batch_size: Optional[int] = None,
-             seed: int = 0) -> Tuple[Dict[str, float], np.ndarray]:
-  """Mean L1, PSNR and SSIM over a split, and a sample sheet of its first images.
-
-  Single-process; ``seed`` draws the dropout masks in ``"paper"`` mode.
-  """
-  translate = jax.jit(make_translate_fn(config, mode))
-  dataset = input_pipeline.make_eval_dataset(config, batch_size=batch_size, split=split)
-  totals, count, sheet_parts = {}, 0, []
-  for index, batch in enumerate(dataset.as_numpy_iterator()):
-    generated = translate(state, batch["A"], jax.random.fold_in(jax.random.key(seed), index))
-    for name, values in jax.device_get(metrics.image_metrics(generated, batch["B"])).items():
-      totals[name] = totals.get(name, 0.0) + float(np.sum(values))
-    count += len(batch["A"])
-    if sum(len(p[0]) for p in sheet_parts) < config.num_sample_images:
-      sheet_parts.append((batch["A"], np.asarray(generated), batch["B"]))
-  if not count:
-    raise ValueError(f"The eval split {split or config.eval_split!r} of {config.dataset!r} is empty.")
-  columns = [np.concatenate(c)[:config.num_sample_images] for c in zip(*sheet_parts)]
-  means = {name: total / count for name, total in totals.items()}
-  means["num_images"] = count
-  return means, summaries.sample_sheet(*columns)

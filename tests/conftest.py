@@ -25,24 +25,30 @@ import pytest  # noqa: E402
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 from tensorboard.util import tensor_util  # noqa: E402
 
-from experiments.configs import default  # noqa: E402
-from p2p_jax import checkpoint, trainer  # noqa: E402
+from p2p_jax import checkpoint, configuration, recipe, trainer  # noqa: E402
+
+STEPS_PER_EPOCH = 10  # For the schedules of tests that build a Pix2Pix without data.
 
 
 def tiny_config(**model_overrides) -> ml_collections.ConfigDict:
   """The default config shrunk to 32 px and a 5-level U-Net: seconds per test on a CPU."""
-  config = default.get_config()
+  config = configuration.default_config()
   config.dataset = "synthetic"
   config.load_size = 36
   config.crop_size = 32
   config.batch_size = 2
-  config.steps_per_epoch = 10
   config.model.num_downs = 5
   config.model.ngf = 8
   config.model.ndf = 8
   config.model.n_layers_d = 2
   config.model.update(model_overrides)
   return config
+
+
+def tiny_pix2pix(config=None, **model_overrides) -> recipe.Pix2Pix:
+  """The Pix2Pix of ``config`` (``tiny_config(**model_overrides)`` by default)."""
+  config = tiny_config(**model_overrides) if config is None else config
+  return recipe.Pix2Pix.from_config(config, steps_per_epoch=STEPS_PER_EPOCH)
 
 
 def run_config(data_dir, **overrides) -> ml_collections.ConfigDict:

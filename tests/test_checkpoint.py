@@ -6,15 +6,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
-from p2p_jax import checkpoint, train, trainer
-from tests.conftest import tiny_config
+from p2p_jax import checkpoint, configuration, parallel, train
+from tests.conftest import tiny_config, tiny_pix2pix
 
 
 @pytest.fixture(scope="module")
 def trained():
   """A state whose every array holds distinct values (as after training), without compiling a step."""
   config = tiny_config()
-  state = train.create_train_state(jax.random.key(0), config, (32, 32, 3))
+  state = train.create_train_state(jax.random.key(0), tiny_pix2pix(config), configuration.image_shapes(config))
   leaves, treedef = jax.tree_util.tree_flatten(state)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   noisy = [x + jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x + 1
@@ -25,7 +25,7 @@ def trained():
 def _save(workdir, config, state, steps, max_to_keep=None):
   manager = checkpoint.make_manager(workdir, max_to_keep=max_to_keep)
   for step in steps:
-    checkpoint.save(manager, state, step, config)
+    checkpoint.save(manager, state, step, config, tiny_pix2pix(config))
   manager.wait_until_finished()
   return manager
 
@@ -43,8 +43,9 @@ def test_restores_onto_a_mesh_of_another_size(tmp_path, trained):
   """Written from one device, read back replicated over four (and the data position with it)."""
   config, state = trained
   manager = _save(tmp_path, config, state, [7])
-  replicated = NamedSharding(trainer.make_mesh(jax.devices()[:4]), P())
-  restored, start_step = checkpoint.restore(manager, 7, config, replicated)
+  replicated = NamedSharding(parallel.make_mesh(jax.devices()[:4]), P())
+  restored, start_step = checkpoint.restore(manager, 7, tiny_pix2pix(config), configuration.image_shapes(config),
+                                            replicated)
   assert start_step == 7
   kernel = restored.g_params["up_0"]["kernel"]
   assert kernel.sharding == replicated and len(kernel.addressable_shards) == 4
@@ -73,6 +74,6 @@ def test_compatibility_names_each_differing_key_and_allows_resumable_ones():
   config.num_train_steps, config.log_every_steps = 500, 7  # free to change on resume
   with pytest.raises(ValueError, match=r"config.model.ngf: 8 in the checkpoint, 16 now; "
                                        r"config.seed: 0 in the checkpoint, 3 now\)"):
-    checkpoint.check_compatible(saved, config, "--workdir /w")
+    configuration.check_compatible(saved, config, "workdir=/w")
   config.model.ngf, config.seed = 8, 0
-  checkpoint.check_compatible(saved, config, "--workdir /w")
+  configuration.check_compatible(saved, config, "workdir=/w")

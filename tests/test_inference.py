@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from p2p_jax import inference
+from p2p_jax import images, inference
 from p2p_jax.datasets import synthetic
 from tests.conftest import tensorboard_events
 
@@ -72,7 +72,7 @@ def test_one_image_with_an_older_checkpoint(inputs, translated, finished_run, tm
 def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
   levels = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)  # 0, 257, ..., 65535
   Image.fromarray(levels).save(tmp_path / "depth.png")
-  rgb = np.asarray(inference.read_rgb(tmp_path / "depth.png"))
+  rgb = np.asarray(images.read_rgb(tmp_path / "depth.png"))
   expected = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=-1)
   np.testing.assert_array_equal(rgb, expected)
 
@@ -87,18 +87,18 @@ def test_every_unreadable_input_is_named_before_anything_is_written(inputs, fini
   (folder / "cut.png").write_bytes(data[:len(data) // 2])
   out = tmp_path / "out"
   with pytest.raises(ValueError, match=(
-      rf"--input {folder}: 2 of 3 images do not decode. Cannot read image {folder}/cut.png: .*; "
+      rf"input_path={folder}: 2 of 3 images do not decode. Cannot read image {folder}/cut.png: .*; "
       rf"Cannot read image {folder}/garbage.jpg: cannot identify image file")):
     inference.translate_paths(workdir, folder, out)
   assert not out.exists()
 
 
 @pytest.mark.parametrize("where, message", [
-    ("missing", r"--input {tmp}/missing.png: no such file or folder"),
-    ("empty", r"--input {tmp}/empty: no .jpg/.jpeg/.png files in this folder"),
-    ("same", r"--output {inputs} is the input folder: choose another folder"),
-    ("file", r"--output {inputs}/wide.jpg is a file: give a folder"),
-    ("batch", r"--batch_size must be positive, got 0"),
+    ("missing", r"input_path={tmp}/missing.png: no such file or folder"),
+    ("empty", r"input_path={tmp}/empty: no .jpg/.jpeg/.png files in this folder"),
+    ("same", r"output_dir={inputs} is the input folder: choose another folder"),
+    ("file", r"output_dir={inputs}/wide.jpg is a file: give a folder"),
+    ("batch", r"batch_size=0: must be positive"),
     ("workdir", r"No checkpoint in {tmp}/checkpoints: train with"),
 ])
 def test_bad_arguments_are_named(inputs, finished_run, tmp_path, where, message):
@@ -159,9 +159,32 @@ def test_evaluate_in_paper_mode_differs(finished_run, evaluated):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(step=3), r"No checkpoint for step 3 in {workdir}/checkpoints; it holds steps \[4, 5\]"),
     (dict(split="val"), r"No images for split 'val' of dataset .*synthetic-v1-seed0"),
-    (dict(batch_size=0), r"--batch_size must be positive, got 0"),
+    (dict(batch_size=0), r"batch_size=0: must be positive"),
 ])
 def test_evaluate_names_a_missing_step_or_split(finished_run, kwargs, message):
   _, workdir = finished_run
   with pytest.raises(ValueError, match=message.format(workdir=re.escape(str(workdir)))):
     inference.evaluate_checkpoint(workdir, **kwargs)
+
+
+def test_evaluating_a_bucket_workdir_writes_into_the_bucket(finished_run, tmp_path, monkeypatch):
+  """pathlib would turn gs://bucket/run/eval into a local folder named "gs:"."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from p2p_jax import checkpoint, summaries  # pylint: disable=g-import-not-at-top
+  _, workdir = finished_run
+  run = checkpoint.load_run(workdir)
+  monkeypatch.setattr(checkpoint, "load_run", lambda *args, **kwargs: run)
+  logdirs = []
+  monkeypatch.setattr(summaries, "create_writer",
+                      lambda logdir: logdirs.append(str(logdir)) or metric_writers.MultiWriter([]))
+  monkeypatch.setattr(epath.gpath, "_is_tf_installed", lambda: False)
+  monkeypatch.chdir(tmp_path)
+  in_tmp = lambda fn, path, *args, **kwargs: fn(str(path).replace("gs://", f"{tmp_path}/"), *args, **kwargs)
+  with epath.testing.mock_epath(open=in_tmp, makedirs=in_tmp, mkdir=in_tmp, exists=in_tmp,
+                                isdir=in_tmp, listdir=in_tmp, glob=in_tmp, stat=in_tmp):
+    inference.evaluate_checkpoint("gs://bucket/run")
+  written = tmp_path / "bucket" / "run" / inference.EVAL_DIR
+  assert (written / "test_eval_step5.json").is_file() and (written / "test_eval" / "step_00000005.png").is_file()
+  assert logdirs == ["gs://bucket/run/eval"]
+  assert not (tmp_path / "gs:").exists()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from experiments.configs import default
 from p2p_jax import layers, train
+from tests.conftest import tiny_pix2pix
 
 
 @functools.partial(jax.jit, static_argnums=0)  # One compilation, not one per op.
@@ -104,19 +104,17 @@ def test_unknown_impls_are_named():
 
 def test_train_steps_is_train_step_in_sequence():
   """The multi-step call (lax.scan) gives the state and metrics of one call per step."""
-  config = default.get_config()
-  config.crop_size, config.steps_per_epoch = 32, 10
-  config.model.update(num_downs=5, ngf=8, ndf=8)
-  state = train.create_train_state(jax.random.key(0), config, (32, 32, 3))
+  pix2pix = tiny_pix2pix()
   batches = {name: jax.random.uniform(jax.random.key(i), (2, 1, 32, 32, 3), minval=-1, maxval=1)
              for i, name in enumerate("AB")}
-  step = jax.jit(functools.partial(train.train_step, config=config))
+  state = train.create_train_state(jax.random.key(0), pix2pix, batches)
+  step = jax.jit(functools.partial(train.train_step, pix2pix=pix2pix))
   expected, metrics = state, []
   for i in range(2):
     expected, m = step(expected, jax.tree_util.tree_map(lambda x: x[i], batches))
     metrics.append(m)
-  got, got_metrics = jax.jit(functools.partial(train.train_steps, config=config))(state, batches)
-  for name in train.METRIC_NAMES:
+  got, got_metrics = jax.jit(functools.partial(train.train_steps, pix2pix=pix2pix))(state, batches)
+  for name in pix2pix.metric_names:
     np.testing.assert_allclose(got_metrics[name], [m[name] for m in metrics], rtol=1e-5, atol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam moves each weight by ~2e-4.

@@ -123,12 +123,25 @@ def test_unknown_norm_is_named():
         {"params": jax.random.key(0)}, jnp.ones((1, 32, 32, 3)), train=False)
 
 
-def test_image_size_checks_name_the_config(config):
-  with pytest.raises(ValueError, match=r"crop_size=48 cannot be halved 5 times.*num_downs=5"):
-    models.check_image_size(config.model, 48)
-  config.model.n_layers_d = 5
-  with pytest.raises(ValueError, match=r"crop_size=32 is too small.*n_layers_d=5"):
-    models.check_image_size(config.model, 32)
+def test_an_unknown_builtin_generator_is_named(config):
   config.model.generator = "transformer"
-  with pytest.raises(ValueError, match="config.model.generator must be 'unet' or 'resnet'"):
-    models.make_generator(config.model)
+  with pytest.raises(ValueError, match=r"config.model.generator='transformer' is none of the built-in "
+                                       r"generators \('unet', 'resnet'\)"):
+    models.make_generator(config.model, 3)
+
+
+@pytest.mark.parametrize("module, multiple", [(models.UNetGenerator(num_downs=5), 32),
+                                              (models.ResnetGenerator(), 4)])
+def test_generators_say_what_their_input_sides_must_be_a_multiple_of(module, multiple):
+  assert module.size_multiple == multiple
+  x = jax.ShapeDtypeStruct((1, 2 * multiple, 3 * multiple, 3), jnp.float32)
+  assert _output_shape(module, x) == x.shape
+
+
+def test_the_patchgan_sows_each_hidden_activation():
+  disc = models.PatchDiscriminator(n_layers=2, ndf=4)
+  x = jnp.ones((1, 32, 32, 3))
+  variables = disc.init(jax.random.key(0), x, x, train=False)
+  _, state = disc.apply(variables, x, x, train=False, mutable=["intermediates"])
+  shapes = {name: value[0].shape for name, value in state["intermediates"].items()}
+  assert shapes == {"features_0": (1, 16, 16, 4), "features_1": (1, 8, 8, 8), "features_2": (1, 7, 7, 16)}

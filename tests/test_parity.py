@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from p2p_jax import layers, models, train
+from p2p_jax import layers, models, recipe, train
 from tests import torch_reference as ref
-from tests.conftest import tiny_config
+from tests.conftest import STEPS_PER_EPOCH, tiny_config
 
 SIZE = 64
 NUM_DOWNS = 6
@@ -158,26 +158,27 @@ def test_train_step_matches_reference_optimize_parameters(gan_mode):
     _randomize_biases(net)
   g_names, d_names = ref.unet_layer_names(NUM_DOWNS), ref.patch_layer_names(3)
   batch = {"A": _images(2, SIZE, SIZE, 3, seed=5), "B": _images(2, SIZE, SIZE, 3, seed=6)}
-  g_vars = _copy_weights(net_g, g_names, models.make_generator(config.model), batch["A"])
-  d_vars = _copy_weights(net_d, d_names, models.make_discriminator(config.model), batch["A"], batch["B"])
+  pix2pix = recipe.Pix2Pix.from_config(config, steps_per_epoch=STEPS_PER_EPOCH)
+  g_vars = _copy_weights(net_g, g_names, pix2pix.generator, batch["A"])
+  d_vars = _copy_weights(net_d, d_names, pix2pix.discriminator, batch["A"], batch["B"])
   # create_train_state's state, built from the copied weights (Adam starts from
   # zeros whatever the parameters) without compiling the initialisers.
-  tx = train.make_optimizer(config)
   state = train.TrainState(
       step=np.int32(0), g_params=g_vars["params"], g_batch_stats=g_vars["batch_stats"],
       d_params=d_vars["params"], d_batch_stats=d_vars["batch_stats"],
-      g_opt_state=tx.init(g_vars["params"]), d_opt_state=tx.init(d_vars["params"]),
+      g_opt_state=pix2pix.g_optimizer.init(g_vars["params"]),
+      d_opt_state=pix2pix.d_optimizer.init(d_vars["params"]),
       rng=jax.random.key_data(jax.random.key(0)))
-  state, metrics = jax.jit(functools.partial(train.train_step, config=config))(state, batch)
+  state, metrics = jax.jit(functools.partial(train.train_step, pix2pix=pix2pix))(state, batch)
 
   optim = config.optim
-  adam = lambda net: torch.optim.Adam(net.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2))
+  adam = lambda net: torch.optim.Adam(net.parameters(), lr=optim.lr, betas=(optim.kwargs.b1, optim.kwargs.b2))
   expected = ref.optimize_parameters(net_g, net_d, adam(net_g), adam(net_d), ref.GANLoss(gan_mode),
                                      _nchw(batch["A"]), _nchw(batch["B"]), config.loss.lambda_l1)
 
   metrics = {name: float(value) for name, value in metrics.items()}
   metrics["g_l1"] *= config.loss.lambda_l1  # the reference logs L1 already weighted
-  for name in train.METRIC_NAMES:
+  for name in pix2pix.metric_names:
     np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-5, err_msg=name)
   g_after, d_after = ref.flax_variables(net_g, g_names), ref.flax_variables(net_d, d_names)
   _assert_adam_steps_agree(state.g_params, g_after["params"], g_vars["params"], optim.lr)

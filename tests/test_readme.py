@@ -5,21 +5,109 @@ import pathlib
 import re
 import subprocess
 import sys
+import textwrap
+
+from PIL import Image
+
+from p2p_jax import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
+def _snippet(marker: str) -> str:
+  return re.search(rf"<!-- {marker} -->\n```python\n(.*?)```", README, re.S).group(1)
+
+
+def _python(args, cwd, tmp_path, timeout=900):
+  """Runs python with the checkout importable, on one CPU device as on a user's machine."""
+  env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "Traceback" not in result.stderr, result.stderr[-4000:]
+  return result
+
+
 def test_the_train_step_snippet_runs_as_written(tmp_path):
-  snippet = re.search(r"<!-- readme-snippet -->\n```python\n(.*?)```", README, re.S).group(1)
-  env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu")  # The synthetic data goes there.
-  env.pop("XLA_FLAGS", None)  # One CPU device, as on a user's machine.
-  result = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = _python(["-c", _snippet("readme-snippet")], tmp_path, tmp_path)
   printed = result.stdout.strip().splitlines()[-1]
   for name in ("d_real", "d_fake", "d_loss", "g_gan", "g_l1", "g_loss"):
     assert f"'{name}': " in printed
+
+
+def test_the_own_networks_snippet_trains_resumes_and_translates(tmp_path):
+  result = _python(["-c", _snippet("readme-own-networks")], tmp_path, tmp_path)
+  workdir = tmp_path / "runs" / "own"
+  assert checkpoint.make_manager(workdir, create=False).all_steps() == [4, 8]
+  state = checkpoint.load_state(workdir, pix2pix=_snippet_pix2pix(tmp_path))
+  assert int(state.step) == 8 and "Conv_0" in state.g_params, "the snippet's own generator"
+  with Image.open(workdir / "translated" / "labels.png") as image:
+    assert image.size == (96, 64)
+  assert "runs/own/translated/labels.png" in result.stdout
+  # Networks given as objects are not what the saved config names: the command line says so.
+  refused = subprocess.run([sys.executable, "-m", "experiments.translate", f"--workdir={workdir}",
+                            f"--input={workdir / 'labels.png'}", f"--output={tmp_path / 'out'}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+  assert ("was trained with the generator __main__.ResidualGenerator, which its config does not name "
+          "(--config.model.generator='unet')") in refused.stderr
+
+
+def _snippet_pix2pix(tmp_path):
+  """The snippet's Pix2Pix, built in this process from its own definitions."""
+  module = tmp_path / "readme_networks.py"
+  if not module.exists():
+    module.write_text(_definitions())
+  sys.path.insert(0, str(tmp_path))
+  try:
+    import readme_networks  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.remove(str(tmp_path))
+  from p2p_jax import input_pipeline, recipe  # pylint: disable=g-import-not-at-top
+  from experiments.configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  config.data_dir = str(tmp_path / "cache" / "p2p_jax")
+  base = recipe.Pix2Pix.from_config(config, steps_per_epoch=input_pipeline.steps_per_epoch(config))
+  return base.replace(generator=readme_networks.ResidualGenerator(),
+                      g_losses={**base.g_losses, "fm": (10.0, readme_networks.feature_matching)})
+
+
+def _definitions() -> str:
+  """The own-networks snippet's imports, module and loss term, without the lines that train."""
+  code = _snippet("readme-own-networks")
+  return code[:code.index("\nconfig = ")]
+
+
+def test_the_same_networks_named_in_a_config_train_resume_translate_and_evaluate(tmp_path):
+  (tmp_path / "readme_networks.py").write_text(_definitions())
+  (tmp_path / "own_config.py").write_text(textwrap.dedent('''
+      from experiments.configs import demo
+
+      def get_config():
+        config = demo.get_config()
+        config.model.generator = "readme_networks:ResidualGenerator"
+        config.model.generator_kwargs.blocks = 1
+        config.loss.terms.fm = {"fn": "readme_networks:feature_matching", "weight": 10.0}
+        config.num_train_steps, config.checkpoint_every_steps, config.sample_every_steps = 2, 2, 2
+        return config
+  '''))
+  workdir = tmp_path / "run"
+  train = ["-m", "experiments.train", f"--config={tmp_path / 'own_config.py'}", f"--workdir={workdir}"]
+  first = _python(train, ROOT, tmp_path)
+  assert re.search(r"step 2/2: d_fake=.*g_fm=[\d.e-]+, g_gan=", first.stderr), first.stderr[-3000:]
+  resumed = _python([*train, "--config.num_train_steps=4"], ROOT, tmp_path)
+  assert "Resuming from the checkpoint of step 2" in resumed.stderr
+  assert checkpoint.make_manager(workdir, create=False).all_steps() == [2, 4]
+  Image.new("RGB", (80, 48), (0, 0, 170)).save(tmp_path / "labels.png")
+  _python(["-m", "experiments.translate", f"--workdir={workdir}", f"--input={tmp_path / 'labels.png'}",
+           f"--output={tmp_path / 'out'}"], ROOT, tmp_path)
+  with Image.open(tmp_path / "out" / "labels.png") as image:
+    assert image.size == (80, 48)
+  evaluated = _python(["-m", "experiments.evaluate", f"--workdir={workdir}"], ROOT, tmp_path)
+  assert '"step": 4' in evaluated.stdout and '"l1": ' in evaluated.stdout
 
 
 def test_ci_runs_the_readme_test_command():

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p2p_jax import train
-from tests.conftest import tiny_config
+from p2p_jax import parallel, recipe, runtime, train
+from tests.conftest import STEPS_PER_EPOCH, tiny_config, tiny_pix2pix
 
 
 def _batch(n=2, size=32, seed=0):
@@ -20,12 +20,13 @@ def _batch(n=2, size=32, seed=0):
 
 @functools.lru_cache
 def _tiny_step(jit=True):
-  step = functools.partial(train.train_step, config=tiny_config())
+  step = functools.partial(train.train_step, pix2pix=tiny_pix2pix())
   return jax.jit(step) if jit else step
 
 
-def _run(config, steps, batch, jit=True, seed=0):
-  state = train.create_train_state(jax.random.key(seed), config, batch["A"].shape[1:])
+def _run(steps, batch, jit=True, seed=0):
+  """``steps`` steps of the tiny_config pix2pix on ``batch``."""
+  state = train.create_train_state(jax.random.key(seed), tiny_pix2pix(), batch)
   step = _tiny_step(jit)
   history = []
   for _ in range(steps):
@@ -38,7 +39,7 @@ def _assert_trees_close(a, b, **tolerance):
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, **tolerance), a, b)
 
 
-def _summation_order_config(**model_overrides):
+def _summation_order_pix2pix(axis_name=None, **model_overrides):
   """For comparing runs that only sum in another order: a learning rate of 1e-6.
 
   Adam divides each gradient element by its magnitude, so the rounding noise of
@@ -48,7 +49,7 @@ def _summation_order_config(**model_overrides):
   """
   config = tiny_config(**model_overrides)
   config.optim.lr = 1e-6
-  return config
+  return recipe.Pix2Pix.from_config(config, steps_per_epoch=STEPS_PER_EPOCH, axis_name=axis_name)
 
 
 def _assert_same_training(state, expected):
@@ -58,27 +59,25 @@ def _assert_same_training(state, expected):
 
 
 def test_steps_on_one_batch_lower_the_l1_loss():
-  state, history = _run(tiny_config(), 12, _batch())
-  assert set(history[0]) == set(train.METRIC_NAMES)
+  state, history = _run(12, _batch())
+  assert set(history[0]) == set(tiny_pix2pix().metric_names)
   assert int(state.step) == 12
   assert history[-1]["g_l1"] < 0.95 * history[0]["g_l1"]
   assert all(np.isfinite(v) for m in history for v in m.values())
 
 
 def test_jit_and_eager_agree():
-  config = tiny_config()
-  jitted, jit_history = _run(config, 1, _batch())
-  eager, eager_history = _run(config, 1, _batch(), jit=False)
+  jitted, jit_history = _run(1, _batch())
+  eager, eager_history = _run(1, _batch(), jit=False)
   _assert_trees_close(jit_history, eager_history, rtol=1e-4, atol=1e-5)
   _assert_trees_close(jitted.g_params, eager.g_params, atol=1e-5)
   _assert_trees_close(jitted.d_batch_stats, eager.d_batch_stats, atol=1e-5)
 
 
 def test_same_seed_same_result_other_seed_other_result():
-  config = tiny_config()
-  first, _ = _run(config, 2, _batch())
-  again, _ = _run(config, 2, _batch())
-  other, _ = _run(config, 2, _batch(), seed=1)
+  first, _ = _run(2, _batch())
+  again, _ = _run(2, _batch())
+  other, _ = _run(2, _batch(), seed=1)
   jax.tree_util.tree_map(np.testing.assert_array_equal, first, again)
   assert not np.allclose(first.g_params["up_0"]["kernel"], other.g_params["up_0"]["kernel"])
 
@@ -86,15 +85,16 @@ def test_same_seed_same_result_other_seed_other_result():
 def test_pmap_keeps_replicas_identical_and_matches_the_global_batch():
   """With synchronised batch norm and no dropout, 4 devices x 2 examples = one batch of 8."""
   assert jax.local_device_count() >= 4, "tests/conftest.py asks XLA for 4 CPU devices"
-  config = _summation_order_config(sync_batch_stats=True, use_dropout=False)
+  synced = _summation_order_pix2pix(axis_name="batch", sync_batch_stats=True, use_dropout=False)
+  pix2pix = _summation_order_pix2pix(use_dropout=False)
   batch = _batch(n=8)
-  state = train.create_train_state(jax.random.key(0), config, (32, 32, 3))
+  state = train.create_train_state(jax.random.key(0), pix2pix, batch)
   replicated = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (4, *x.shape)), state)
-  pstep = jax.pmap(functools.partial(train.train_step, config=config, axis_name="batch"),
+  pstep = jax.pmap(functools.partial(train.train_step, pix2pix=synced, axis_name="batch"),
                    axis_name="batch")
   sharded = jax.tree_util.tree_map(lambda x: x.reshape(4, 2, *x.shape[1:]), batch)
   single = state
-  step = jax.jit(functools.partial(train.train_step, config=config))
+  step = jax.jit(functools.partial(train.train_step, pix2pix=pix2pix))
   for _ in range(2):
     replicated, pmetrics = pstep(replicated, sharded)
     single, metrics = step(single, batch)
@@ -107,34 +107,29 @@ def test_pmap_keeps_replicas_identical_and_matches_the_global_batch():
 
 def test_learning_rate_schedule_is_the_reference_linear_policy():
   config = tiny_config()
-  config.optim.n_epochs, config.optim.n_epochs_decay, config.steps_per_epoch = 2, 3, 10
-  schedule = train.learning_rate_schedule(config)
+  config.optim.n_epochs, config.optim.n_epochs_decay = 2, 3
+  schedule = recipe.Pix2Pix.from_config(config, steps_per_epoch=10).learning_rate
   # The reference's LambdaLR: 1 - max(0, epoch + 1 - n_epochs) / (n_epochs_decay + 1).
   expected = {0: 1.0, 19: 1.0, 20: 0.75, 29: 0.75, 30: 0.5, 40: 0.25, 49: 0.25}
   for step, factor in expected.items():
     assert float(schedule(step)) == pytest.approx(2e-4 * factor), step
 
 
-def test_missing_steps_per_epoch_is_named():
-  config = tiny_config()
-  config.steps_per_epoch = -1
-  with pytest.raises(ValueError, match=r"config.steps_per_epoch must be a positive int, got -1"):
-    train.create_train_state(jax.random.key(0), config, (32, 32, 3))
-
-
 def test_generate_modes():
-  config = tiny_config(num_downs=6)
-  images = _batch(size=64)["A"]
-  state = train.create_train_state(jax.random.key(0), config, (64, 64, 3))
-  eval_out = train.generate(state, images, mode="eval", config=config)
-  np.testing.assert_array_equal(eval_out, train.generate(state, images, mode="eval", config=config))
-  paper = lambda key: train.generate(state, images, key, mode="paper", config=config)
+  pix2pix = tiny_pix2pix(num_downs=6)
+  batch = _batch(size=64)
+  images = batch["A"]
+  state = train.create_train_state(jax.random.key(0), pix2pix, batch)
+  generate = functools.partial(train.generate, state, images, generator=pix2pix.generator)
+  eval_out = generate(mode="eval")
+  np.testing.assert_array_equal(eval_out, generate(mode="eval"))
+  paper = lambda key: generate(key, mode="paper")
   assert paper(jax.random.key(0)).shape == images.shape
   assert not np.allclose(paper(jax.random.key(0)), paper(jax.random.key(1)))
   with pytest.raises(ValueError, match="needs an rng key"):
-    train.generate(state, images, mode="paper", config=config)
+    generate(mode="paper")
   with pytest.raises(ValueError, match=r"mode must be one of \('eval', 'paper'\), got 'test'"):
-    train.generate(state, images, mode="test", config=config)
+    generate(mode="test")
 
 
 def test_jit_over_a_device_mesh_matches_one_device():
@@ -144,14 +139,13 @@ def test_jit_over_a_device_mesh_matches_one_device():
   sync_batch_stats is off, metrics are global means, and the state is donated.
   """
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from p2p_jax import trainer
-  config = _summation_order_config(num_downs=6)
-  assert not config.model.sync_batch_stats and config.model.use_dropout
+  pix2pix = _summation_order_pix2pix(num_downs=6)
+  assert pix2pix.generator.axis_name is None and pix2pix.generator.use_dropout
   batch = _batch(n=4, size=64)
-  state = train.create_train_state(jax.random.key(0), config, (64, 64, 3))
-  mesh = trainer.make_mesh(jax.devices()[:4])
-  sharded_step = trainer.make_train_step(config, mesh)
-  step = jax.jit(functools.partial(train.train_step, config=config))
+  state = train.create_train_state(jax.random.key(0), pix2pix, batch)
+  mesh = parallel.make_mesh(jax.devices()[:4])
+  sharded_step = parallel.make_train_step(pix2pix, mesh)
+  step = jax.jit(functools.partial(train.train_step, pix2pix=pix2pix))
   # Replicating a copy: device 0's shard aliases its source (may_alias=False or not),
   # and donation deletes it.
   sharded_state = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), NamedSharding(mesh, P()))
@@ -159,7 +153,7 @@ def test_jit_over_a_device_mesh_matches_one_device():
   for _ in range(2):
     previous = sharded_state
     sharded_state, sharded_metrics = sharded_step(
-        sharded_state, jax.device_put(batch, NamedSharding(mesh, P(trainer.DATA_AXIS))))
+        sharded_state, jax.device_put(batch, NamedSharding(mesh, P(parallel.DATA_AXIS))))
     single_state, metrics = step(single_state, batch)
     assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(previous)), "not donated"
   assert sharded_state.g_params["up_0"]["kernel"].sharding.is_fully_replicated
@@ -169,12 +163,13 @@ def test_jit_over_a_device_mesh_matches_one_device():
 
 def test_compiler_options_keep_the_result_and_drop_the_state_copies():
   """Donated and with COMPILER_OPTIONS, no parameter or moment is copied, and nothing else changes."""
-  config = tiny_config()
+  pix2pix = tiny_pix2pix()
   batch = _batch()
-  state = train.create_train_state(jax.random.key(0), config, (32, 32, 3))
-  step = functools.partial(train.train_step, config=config)
+  state = train.create_train_state(jax.random.key(0), pix2pix, batch)
+  step = functools.partial(train.train_step, pix2pix=pix2pix)
+  plain = {"xla_cpu_copy_insertion_use_region_analysis": False}  # import p2p_jax set it in XLA_FLAGS
   compiled = {name: jax.jit(step, donate_argnums=0, compiler_options=options).lower(state, batch).compile()
-              for name, options in (("plain", None), ("tuned", train.COMPILER_OPTIONS))}
+              for name, options in (("plain", plain), ("tuned", runtime.COMPILER_OPTIONS))}
   state_copies = {name: re.findall(r"copy\(%state\S*(?:params|mu)", c.as_text()) for name, c in compiled.items()}
   assert state_copies["plain"], "without the options XLA:CPU copies the donated state"
   assert not state_copies["tuned"]
@@ -186,5 +181,6 @@ def test_compiler_options_keep_the_result_and_drop_the_state_copies():
 @pytest.mark.parametrize("sync", [False, True])
 def test_sync_batch_stats_decides_whether_the_norms_see_the_device_axis(sync):
   """Under pmap the networks' batch norms reduce over the axis only when asked (see test_layers)."""
-  for network in train._networks(tiny_config(sync_batch_stats=sync), "batch"):
+  pix2pix = recipe.Pix2Pix.from_config(tiny_config(sync_batch_stats=sync), steps_per_epoch=1, axis_name="batch")
+  for network in (pix2pix.generator, pix2pix.discriminator):
     assert network.axis_name == ("batch" if sync else None)

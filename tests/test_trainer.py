@@ -11,10 +11,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from p2p_jax import checkpoint, input_pipeline, summaries, train, trainer
-from p2p_jax.datasets import synthetic
+from p2p_jax import checkpoint, configuration, input_pipeline, recipe, summaries, trainer
 from tests.conftest import (assert_states_equal, checkpoint_steps, run_config, snapshot,
-                            tensorboard_events)
+                            tensorboard_events, tiny_pix2pix)
 
 
 class _Stream:
@@ -53,13 +52,13 @@ def test_keeps_the_latest_checkpoints_saved_every_n_steps_and_at_the_end(finishe
   assert int(checkpoint.load_state(workdir).step) == 5
   assert int(checkpoint.load_state(workdir, step=4).step) == 4
   saved = checkpoint.load_config(workdir)
-  assert saved.steps_per_epoch == synthetic.SPLITS["train"] // config.batch_size
+  assert saved.to_dict() == config.to_dict(), "the config as given: nothing derived is written into it"
 
 
 def test_tensorboard_has_the_losses_and_the_sample_sheets(finished_run):
   _, workdir = finished_run
   events = tensorboard_events(workdir)
-  for name in train.METRIC_NAMES + ("learning_rate",):
+  for name in tiny_pix2pix().metric_names + ("learning_rate",):
     assert sorted(events[name]) == [2, 4, 5], name  # every log_every_steps, and at the last save
     assert all(np.isfinite(value) for value in events[name].values()), name
   assert sorted(events["steps_per_second"]) == [4, 5]
@@ -109,8 +108,8 @@ def test_a_run_stopped_by_sigterm_resumes_exactly_where_it_stopped(tmp_path, fin
   assert int(stopped.step) == 3
   assert checkpoint_steps(workdir) == [2, 3]
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  _, data_position = checkpoint.restore(checkpoint.make_manager(workdir, create=False), 3, config,
-                                        one_device)
+  _, data_position = checkpoint.restore(checkpoint.make_manager(workdir, create=False), 3,
+                                        tiny_pix2pix(config), configuration.image_shapes(config), one_device)
   assert data_position == 3
   assert signal.getsignal(signal.SIGTERM) is handler  # the trainer's handler is gone again
 
@@ -187,7 +186,7 @@ def test_an_incompatible_config_is_refused_and_the_checkpoints_untouched(tmp_pat
   other.model.ngf, other.seed = 16, 1
   other.num_train_steps, other.keep_checkpoints = 50, 1  # free to change on resume
   with pytest.raises(ValueError, match=(
-      rf"--workdir {re.escape(str(tmp_path))} holds a checkpoint of a different run "
+      rf"workdir={re.escape(str(tmp_path))} holds a checkpoint of a different run "
       r"\(config.model.ngf: 8 in the checkpoint, 16 now; config.seed: 0 in the checkpoint, 1 now\)"
       r". It was left untouched")):
     trainer.train_and_evaluate(other, tmp_path)
@@ -214,7 +213,6 @@ def test_a_bad_config_is_named_before_anything_is_written(tmp_path, synthetic_di
 
 def test_total_steps_counts_epochs_unless_num_train_steps_is_set():
   config = run_config("", num_train_steps=-1)
-  config.steps_per_epoch = 64
-  assert trainer.total_steps(config) == 200 * 64
+  assert recipe.total_steps(config, 64) == 200 * 64
   config.num_train_steps = 7
-  assert trainer.total_steps(config) == 7
+  assert recipe.total_steps(config, 64) == 7

@@ -6,14 +6,13 @@ maps to aerial photos. Evaluated on the 1098 validation images.
 """
 
 from experiments.configs import default
-
-DIRECTIONS = ("AtoB", "BtoA")
+from p2p_jax import configuration
 
 
 def get_config(direction: str = "AtoB"):
-  if direction not in DIRECTIONS:
+  if direction not in configuration.DIRECTIONS:
     raise ValueError(f"--config experiments/configs/maps.py:{direction}: the direction after the "
-                     f"colon must be one of {DIRECTIONS}.")
+                     f"colon must be one of {configuration.DIRECTIONS}.")
   config = default.get_config()
   config.dataset = "pix2pix/maps"
   config.direction = direction

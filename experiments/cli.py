@@ -1,0 +1,29 @@
+"""What the entry points share: a library error becomes one line, in the terms the user typed.
+
+The library names config keys (``config.batch_size=3``) and its functions'
+arguments (``input_path=...``); on the command line those are flags
+(``--config.batch_size=3``, ``--input=...``).
+"""
+
+import re
+import sys
+from typing import Mapping, NoReturn
+
+from p2p_jax import input_pipeline, trainer
+
+# What the library raises for bad input: each carries a message for the user.
+USER_ERRORS = (ValueError, OSError, input_pipeline.DatasetUnavailableError, trainer.NonFiniteError)
+_NOT_AFTER = r"(?<![\w./-])"  # A name starts a word: "config." in "experiments/configs/x.py" is no key.
+
+
+def in_flag_terms(message: str, flags: Mapping[str, str] = {}) -> str:  # pylint: disable=dangerous-default-value
+  """``message`` on one line, with ``config.<key>`` as ``--config.<key>`` and each argument as its flag."""
+  message = re.sub(rf"{_NOT_AFTER}config\.(?=\w)", "--config.", " ".join(message.split("\n")))
+  for argument, flag in flags.items():
+    message = re.sub(rf"{_NOT_AFTER}{argument}=", f"{flag}=", message)
+  return message
+
+
+def exit_with(error: BaseException, flags: Mapping[str, str] = {}) -> NoReturn:  # pylint: disable=dangerous-default-value
+  """Ends the process with status 1 and ``error: <message>`` on stderr."""
+  sys.exit(f"error: {in_flag_terms(str(error), flags)}")

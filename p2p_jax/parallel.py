@@ -1,0 +1,66 @@
+"""Data parallelism over a device mesh: the mesh, the jitted train step over it, host copies.
+
+One ``jax.sharding.Mesh`` over all devices of all processes with one axis,
+``data``: the state is replicated and each global batch is split along
+``data``. Imports no TensorFlow, so ``experiments.benchmark`` measures the step
+alone.
+"""
+
+import functools
+from typing import Optional
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+from p2p_jax import recipe, runtime, train
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A one-axis (``data``) mesh over ``devices``, all devices of all processes by default.
+
+  The devices go in process order, so process p's devices hold rows
+  [p*B/P, (p+1)*B/P) of a global batch of B, the slice its input pipeline reads
+  (``jax.devices()`` is ordered by device id, which on TPU pods need not follow
+  the hosts).
+  """
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id))), (DATA_AXIS,))
+
+
+def make_train_step(pix2pix: recipe.Pix2Pix, mesh: Mesh, *, steps_per_call: int = 1,
+                    compiler_options: Optional[dict] = None):
+  """``train.train_step`` jitted over ``mesh``: state replicated and donated, batch split on ``data``.
+
+  XLA partitions the one-device program, so batch norm normalises with the
+  statistics of the global batch (synchronised, whatever
+  ``config.model.sync_batch_stats`` says: that flag is for ``pmap``, where each
+  device otherwise uses its own) and dropout draws one mask for the global
+  batch. The result depends on the seed and the global batch size only, not on
+  how many devices or hosts share the batch; per-device statistics would make a
+  checkpoint resumed on another device count continue a different run.
+  Metrics are means over the global batch. ``steps_per_call > 1`` runs that
+  many steps per call (``train.train_steps``; batches get a leading axis of
+  that size). ``compiler_options`` default to ``runtime.compiler_options()``.
+  """
+  replicated = NamedSharding(mesh, P())
+  if steps_per_call == 1:
+    step, data = train.train_step, NamedSharding(mesh, P(DATA_AXIS))
+  else:
+    step, data = train.train_steps, NamedSharding(mesh, P(None, DATA_AXIS))
+  options = runtime.compiler_options() if compiler_options is None else compiler_options
+  return jax.jit(functools.partial(step, pix2pix=pix2pix), in_shardings=(replicated, data),
+                 out_shardings=(replicated, replicated), donate_argnums=0, compiler_options=options or None)
+
+
+def to_host(tree):
+  """Host copies of replicated arrays (also of arrays other processes hold a copy of)."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def replicate(tree, sharding: NamedSharding):
+  """Global arrays from host arrays that every process holds in full."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]), tree)
