@@ -33,6 +33,9 @@ RESUMABLE_KEYS = frozenset({
 # How configs saved by older versions map onto today's keys.
 _RENAMED_KEYS = {"optim.b1": "optim.kwargs.b1", "optim.b2": "optim.kwargs.b2"}
 _REMOVED_KEYS = frozenset({"steps_per_epoch"})  # Derived from the data, no longer stored.
+# Keys added since, with the value that keeps how an older run trained (where
+# today's default would change it); other missing keys take today's default.
+_VALUES_BEFORE_THE_KEY = {"optim.lr_update": "end_of_epoch"}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -80,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.upconv_impl = "auto"
 
   config.loss = ml_collections.ConfigDict()
-  config.loss.gan_mode = "vanilla"  # vanilla | lsgan | hinge, or an import path (module:function)
+  config.loss.gan_mode = "vanilla"  # vanilla | lsgan | wgangp | hinge, or an import path (module:function)
   config.loss.lambda_l1 = 100.0
   # Further generator terms, each <name> = {"fn": "module:function", "weight": w}:
   # fn(losses.LossInputs) -> scalar, reported as the metric g_<name>.
@@ -97,6 +100,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.optim.schedule = "linear"
   config.optim.n_epochs = 100  # epochs at the initial rate
   config.optim.n_epochs_decay = 100  # epochs of linear decay to zero
+  # When the linear schedule steps: at the start of every epoch, as the
+  # reference's train.py does now (the last epoch runs at 0), or at the end, as
+  # it did before 2020 (and p2p_jax before it followed the reference).
+  config.optim.lr_update = "start_of_epoch"  # start_of_epoch | end_of_epoch
 
   config.num_epochs = config.optim.get_ref("n_epochs") + config.optim.get_ref("n_epochs_decay")
   config.num_train_steps = -1  # > 0 overrides num_epochs
@@ -137,14 +144,16 @@ def upgrade(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A config saved by this or an older p2p_jax, in today's keys.
 
   Renamed keys move, keys no longer used go, and keys the saved config lacks
-  take today's defaults, which keep how older versions trained. Keys that
-  p2p_jax does not know (a user's own) are kept.
+  take the value that keeps how the older version trained (today's default,
+  unless ``_VALUES_BEFORE_THE_KEY`` says otherwise). Keys that p2p_jax does
+  not know (a user's own) are kept.
   """
   flat = {key: value for key, value in flatten(saved).items() if key not in _REMOVED_KEYS}
   for old, new in _RENAMED_KEYS.items():
     if old in flat:
       flat[new] = flat.pop(old)
   merged = flatten(default_config())
+  merged.update({key: value for key, value in _VALUES_BEFORE_THE_KEY.items() if key not in flat})
   merged.update(flat)
   return ml_collections.ConfigDict(_unflatten(merged))
 
@@ -178,7 +187,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
                      f"{config.num_train_steps}: set one of them to a positive number.")
   for key, choices in (("direction", DIRECTIONS), ("preprocess", PREPROCESS_MODES), ("model.norm", NORMS),
                        ("model.dtype", DTYPES), ("model.conv_impl", layers.CONV_IMPLS),
-                       ("model.upconv_impl", layers.UPCONV_IMPLS)):
+                       ("model.upconv_impl", layers.UPCONV_IMPLS), ("optim.lr_update", recipe.LR_UPDATES)):
     if flat[key] not in choices:
       raise ValueError(f"config.{key} must be one of {tuple(choices)}, got {flat[key]!r}")
   if not 0 <= config.model.n_layers_d <= 8:

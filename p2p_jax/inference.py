@@ -24,19 +24,21 @@ _MAX_NAMED = 5
 
 
 def make_translate_fn(generator, mode: str):
-  """``(state, images, rng) -> generated``, each image translated on its own.
+  """``(state, images, rng, indices) -> generated``, each image translated on its own.
 
   In ``"paper"`` mode the generator normalises with the statistics of the
   image itself and draws its own dropout mask, exactly what the reference's
-  test.py does with its batch size of 1.
+  test.py does with its batch size of 1. Image ``i`` of the batch draws its
+  mask from ``fold_in(rng, indices[i])``: its index in the split (or the
+  list of files), so the batch size changes nothing.
   """
   if mode not in train.GENERATE_MODES:
     raise ValueError(f"mode must be one of {train.GENERATE_MODES}, got {mode!r}")
 
-  def translate(state, images, rng):
-    def one(image, key):
-      return train.generate(state, image[None], key, mode, generator=generator)[0]
-    return jax.vmap(one)(images, jax.random.split(rng, images.shape[0]))
+  def translate(state, images, rng, indices):
+    def one(image, index):
+      return train.generate(state, image[None], jax.random.fold_in(rng, index), mode, generator=generator)[0]
+    return jax.vmap(one)(images, indices)
 
   return translate
 
@@ -51,8 +53,8 @@ def evaluate(state: train.TrainState, generator, config: ml_collections.ConfigDi
   translate = jax.jit(make_translate_fn(generator, mode))
   dataset = input_pipeline.make_eval_dataset(config, batch_size=batch_size, split=split)
   totals, count, sheet_parts = {}, 0, []
-  for index, batch in enumerate(dataset.as_numpy_iterator()):
-    generated = translate(state, batch["A"], jax.random.fold_in(jax.random.key(seed), index))
+  for batch in dataset.as_numpy_iterator():
+    generated = translate(state, batch["A"], jax.random.key(seed), count + np.arange(len(batch["A"])))
     for name, values in jax.device_get(metrics.image_metrics(generated, batch["B"])).items():
       totals[name] = totals.get(name, 0.0) + float(np.sum(values))
     count += len(batch["A"])
@@ -137,8 +139,7 @@ def translate_paths(workdir, input_path, output_dir, *, step: Optional[int] = No
     originals = [images.read_rgb(p) for p in paths[start:start + batch_size]]
     batch = np.zeros((batch_size, size, size, 3), np.float32)  # one shape: one compilation
     batch[:len(originals)] = [_to_model_input(image, size) for image in originals]
-    key = jax.random.fold_in(jax.random.key(seed), start)
-    generated = np.asarray(translate(run.state, batch, key))
+    generated = np.asarray(translate(run.state, batch, jax.random.key(seed), start + np.arange(batch_size)))
     for path, image, result in zip(paths[start:], originals, generated):
       target = output_dir / f"{path.stem}.png"
       _to_image(result, image.size).save(target)

@@ -10,6 +10,7 @@ resumed at step k reads exactly what an uninterrupted run would have.
 """
 
 import dataclasses
+import fractions
 import pathlib
 from typing import Callable, List, Optional, Tuple
 
@@ -156,18 +157,25 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   return pair_source(config, split).num_examples
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict, source: Optional[PairSource] = None) -> int:
-  """Global batches per epoch of the training split (``source``, if given, is that split)."""
+def steps_per_epoch(config: ml_collections.ConfigDict, source: Optional[PairSource] = None) -> fractions.Fraction:
+  """Global batches per epoch of the training split, as an exact fraction (``source``: that split).
+
+  The stream is one sequence of epochs (module docstring), so a batch can hold
+  the last examples of one epoch and the first of the next: N examples in
+  batches of B take N / B steps per epoch. The reference's DataLoader instead
+  ends each epoch with a short batch, ceil(N / B) steps; the epochs, and so
+  the learning-rate schedule in epochs, are the same.
+  """
   source = source or pair_source(config, config.train_split)
-  return max(1, source.num_examples // config.batch_size)
+  return fractions.Fraction(source.num_examples, config.batch_size)
 
 
 def _decode_pair(encoded_a, encoded_b, side_by_side: bool, direction: str):
   decode = lambda x: tf.io.decode_image(x, channels=3, expand_animations=False)
   if side_by_side:
     ab = decode(encoded_a)
-    half = tf.shape(ab)[1] // 2
-    a, b = ab[:, :half], ab[:, half:2 * half]
+    half = tf.shape(ab)[1] // 2  # B takes the odd column, as the reference's AB.crop((w2, 0, w, h)).
+    a, b = ab[:, :half], ab[:, half:]
   else:
     a, b = decode(encoded_a), decode(encoded_b)
   return (b, a) if direction == "BtoA" else (a, b)
@@ -182,6 +190,19 @@ def _resize(image, height, width):
   shrinks = tf.logical_or(shape[0] > height, shape[1] > width)
   resize = lambda antialias: tf.image.resize(image, (height, width), method="bicubic", antialias=antialias)
   return tf.cond(shrinks, lambda: resize(True), lambda: resize(False))
+
+
+def jitter_params(height, width, config: ml_collections.ConfigDict, seed):
+  """``(top, left, flip)`` of the random crop and flip: the reference's ``get_params``.
+
+  Drawn from the stateless ``seed`` of (config.seed, epoch, example), for an
+  image of ``height`` x ``width`` after the resize.
+  """
+  crop = config.crop_size
+  top = tf.random.stateless_uniform([], _fold_in(seed, 0), 0, height - crop + 1, tf.int32)
+  left = tf.random.stateless_uniform([], _fold_in(seed, 1), 0, width - crop + 1, tf.int32)
+  flip = tf.logical_and(not config.no_flip, tf.random.stateless_uniform([], _fold_in(seed, 2)) < 0.5)
+  return top, left, flip
 
 
 def _jitter(a, b, config, seed):
@@ -200,13 +221,9 @@ def _jitter(a, b, config, seed):
   shape = tf.shape(a)
   tf.debugging.assert_greater_equal(
       shape[:2], crop, message=f"an image is smaller than config.crop_size={crop} for preprocess={config.preprocess!r}")
-  top = tf.random.stateless_uniform([], _fold_in(seed, 0), 0, shape[0] - crop + 1, tf.int32)
-  left = tf.random.stateless_uniform([], _fold_in(seed, 1), 0, shape[1] - crop + 1, tf.int32)
+  top, left, flip = jitter_params(shape[0], shape[1], config, seed)
   a, b = a[top:top + crop, left:left + crop], b[top:top + crop, left:left + crop]
-  if not config.no_flip:
-    flip = tf.random.stateless_uniform([], _fold_in(seed, 2)) < 0.5
-    a, b = tf.cond(flip, lambda: (a[:, ::-1], b[:, ::-1]), lambda: (a, b))
-  return a, b
+  return tf.cond(flip, lambda: (a[:, ::-1], b[:, ::-1]), lambda: (a, b))
 
 
 def _to_unit_range(image):

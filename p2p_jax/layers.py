@@ -81,8 +81,10 @@ class Norm(nn.Module):
     if self.kind == "batch":
       return BatchNorm(axis_name=self.axis_name, name="bn")(x, use_running_average=not train)
     if self.kind == "instance":
-      # The reference's InstanceNorm2d: no affine parameters, no running stats.
-      return nn.InstanceNorm(epsilon=1e-5, use_scale=False, use_bias=False, name="in")(x)
+      # The reference's InstanceNorm2d: no affine parameters, no running stats;
+      # the variance in two passes, as BatchNorm's (E[x^2] - E[x]^2 cancels).
+      return nn.InstanceNorm(epsilon=1e-5, use_scale=False, use_bias=False, use_fast_variance=False,
+                             name="in")(x)
     if self.kind == "none":
       return x
     raise ValueError(f"norm must be 'batch', 'instance' or 'none', got {self.kind!r}")

@@ -58,7 +58,18 @@ def hinge(logits, target_is_real: bool, for_discriminator: bool = True) -> jax.A
   return _mean_over_leaves(logits, lambda x: jnp.mean(jnp.maximum(0.0, 1.0 + sign * x)))
 
 
-GAN_LOSSES = {"vanilla": vanilla, "lsgan": lsgan, "hinge": hinge}
+def wgangp(logits, target_is_real: bool, for_discriminator: bool = True) -> jax.Array:
+  """The reference's ``wgangp`` mode: -mean(D) for real targets, mean(D) for fake ones.
+
+  pix2pix applies no gradient penalty (the reference computes one only for
+  CycleGAN's discriminators), so neither does the step.
+  """
+  del for_discriminator
+  sign = -1.0 if target_is_real else 1.0
+  return _mean_over_leaves(logits, lambda x: sign * jnp.mean(x))
+
+
+GAN_LOSSES = {"vanilla": vanilla, "lsgan": lsgan, "hinge": hinge, "wgangp": wgangp}
 
 
 def discriminator_loss(gan_loss: GANLoss, real_logits, fake_logits) -> Tuple[jax.Array, jax.Array, jax.Array]:

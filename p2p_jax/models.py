@@ -22,9 +22,10 @@ DISCRIMINATORS = ("patchgan",)
 
 
 def _use_bias(norm: str) -> bool:
-  # The reference drops conv biases in front of batch norm (its affine shift
-  # makes them redundant) and keeps them for instance norm, which has none.
-  return norm != "batch"
+  # The reference's use_bias is true only for instance norm (which has no
+  # affine shift); in front of batch norm, and with no norm at all, convs have
+  # no bias (models/networks.py: use_bias = norm_layer.func == nn.InstanceNorm2d).
+  return norm == "instance"
 
 
 class UNetGenerator(nn.Module):
@@ -175,8 +176,8 @@ class PatchDiscriminator(nn.Module):
     for i, (features, kernel, stride, padding, normed) in enumerate(spec):
       last = i == len(spec) - 1
       # Biases where the reference has them: the first and last conv of the
-      # PatchGAN always, the PixelGAN's first always; elsewhere only without
-      # batch norm.
+      # PatchGAN always, the PixelGAN's first always; elsewhere only with
+      # instance norm.
       bias = _use_bias(self.norm) or i == 0 or (last and self.n_layers > 0)
       h = layers.Conv(features, kernel, stride, padding, bias, impl=self.conv_impl, name=f"conv_{i}", dtype=self.dtype)(h)
       if last:

@@ -16,7 +16,9 @@ dropout from the ``dropout`` RNG, as the built-in networks do.
 """
 
 import dataclasses
+import fractions
 import importlib
+import math
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -76,15 +78,31 @@ def _network(model: ml_collections.ConfigDict, role: str, builtins, build_builti
   return network
 
 
-def linear_decay(lr: float, n_epochs: int, n_epochs_decay: int, steps_per_epoch: int) -> optax.Schedule:
+LR_UPDATES = ("start_of_epoch", "end_of_epoch")
+
+
+def linear_decay(lr: float, n_epochs: int, n_epochs_decay: int, steps_per_epoch,
+                 update: str = "start_of_epoch") -> optax.Schedule:
   """The reference's 'linear' policy: ``n_epochs`` at ``lr``, then ``n_epochs_decay`` decaying to 0.
 
-  Stepping once per epoch as the reference's ``LambdaLR`` does:
-  ``1 - max(0, epoch + 1 - n_epochs) / (n_epochs_decay + 1)``.
+  The reference's ``LambdaLR`` rule (``models/networks.py``, ``get_scheduler``)
+  with its default ``epoch_count`` of 1, ``1 - max(0, count + 1 - n_epochs) /
+  (n_epochs_decay + 1)``, where ``count`` is how many times ``scheduler.step()``
+  has been called. Its ``train.py`` calls it at the start of every epoch
+  (``update="start_of_epoch"``: epoch e, from 0, runs at count e + 1, so the
+  last epoch runs at 0); before 2020 it called it at the end of every epoch
+  (``"end_of_epoch"``: count e). A step belongs to the epoch of its batch's
+  first example: ``floor(step / steps_per_epoch)``, exactly, for a fractional
+  ``steps_per_epoch`` such as ``Fraction(examples, batch_size)``.
   """
+  if update not in LR_UPDATES:
+    raise ValueError(f"config.optim.lr_update must be one of {LR_UPDATES}, got {update!r}")
+  per_epoch = fractions.Fraction(steps_per_epoch).limit_denominator(1 << 16)
+  offset = 1 if update == "start_of_epoch" else 0
+
   def schedule(step):
-    epoch = step // steps_per_epoch
-    factor = 1.0 - jnp.maximum(0, epoch + 1 - n_epochs) / (n_epochs_decay + 1)
+    count = (jnp.asarray(step) * per_epoch.denominator) // per_epoch.numerator + offset
+    factor = 1.0 - jnp.maximum(0, count + 1 - n_epochs) / (n_epochs_decay + 1)
     return lr * jnp.maximum(factor, 0.0)
 
   return schedule
@@ -117,12 +135,12 @@ class Pix2Pix:
     return ("d_real", "d_fake", "d_loss", "g_gan", *(f"g_{name}" for name in self.g_losses), "g_loss")
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, *, steps_per_epoch: int,
+  def from_config(cls, config: ml_collections.ConfigDict, *, steps_per_epoch,
                   axis_name: Optional[str] = None) -> "Pix2Pix":
     """The pix2pix of ``config``: built-in pieces by name, others by import path.
 
-    ``steps_per_epoch`` is the training split's size over the batch size
-    (``input_pipeline.steps_per_epoch``). ``axis_name`` is the ``pmap`` axis
+    ``steps_per_epoch`` is the training split's size over the batch size, a
+    fraction (``input_pipeline.steps_per_epoch``). ``axis_name`` is the ``pmap`` axis
     the built-in networks' batch norm reduces over when
     ``config.model.sync_batch_stats`` (``experiments.train``, jitted over a
     mesh, needs none).
@@ -153,21 +171,25 @@ def gan_loss_from_config(gan_mode: str) -> losses.GANLoss:
   return load_object(gan_mode, "config.loss.gan_mode")
 
 
-def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-  """``num_train_steps`` if positive, else the steps of ``num_epochs`` epochs."""
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch) -> int:
+  """``num_train_steps`` if positive, else the steps that show every example ``num_epochs`` times.
+
+  With a fractional ``steps_per_epoch`` (``input_pipeline.steps_per_epoch``)
+  the last step may run into one more epoch by less than a batch.
+  """
   if config.num_train_steps > 0:
     return config.num_train_steps
-  return config.num_epochs * steps_per_epoch
+  return math.ceil(config.num_epochs * fractions.Fraction(steps_per_epoch).limit_denominator(1 << 16))
 
 
-def make_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: int, num_steps: int) -> optax.Schedule:
+def make_schedule(optim: ml_collections.ConfigDict, steps_per_epoch, num_steps: int) -> optax.Schedule:
   """``config.optim.schedule``: ``linear`` (the reference's), ``constant``, or an import path.
 
   An import path names a function ``(optim_config, steps_per_epoch, total_steps)``
   that returns an optax schedule.
   """
   if optim.schedule == "linear":
-    return linear_decay(optim.lr, optim.n_epochs, optim.n_epochs_decay, steps_per_epoch)
+    return linear_decay(optim.lr, optim.n_epochs, optim.n_epochs_decay, steps_per_epoch, optim.lr_update)
   if optim.schedule == "constant":
     return optax.constant_schedule(optim.lr)
   if ":" not in optim.schedule:

@@ -169,15 +169,16 @@ def _train_and_evaluate(config, workdir, pix2pix, stop: _StopRequest) -> train.T
   if start_step >= num_steps:
     logging.info("Nothing to do: the checkpoint is at step %d of %d.", start_step, num_steps)
     return state
-  logging.info("Training steps %d to %d (%d per epoch) on %d device(s) in %d process(es); batch "
+  logging.info("Training steps %d to %d (%g per epoch) on %d device(s) in %d process(es); batch "
                "norm and dropout act on the global batch of %d.", start_step, num_steps,
-               steps_per_epoch, mesh.size, jax.process_count(), config.batch_size)
+               float(steps_per_epoch), mesh.size, jax.process_count(), config.batch_size)
 
   step_fn = parallel.make_train_step(pix2pix, mesh)
   sample_fn = jax.jit(inference.make_translate_fn(pix2pix.generator, "eval"), out_shardings=replicated)
   samples = next(input_pipeline.make_eval_dataset(
       config, batch_size=config.num_sample_images, source=eval_source).as_numpy_iterator())
   sample_inputs = parallel.replicate(samples["A"], replicated)
+  sample_indices = parallel.replicate(np.arange(len(samples["A"])), replicated)
   batches = input_pipeline.make_train_dataset(config, start_step=start_step,
                                               source=train_source).as_numpy_iterator()
 
@@ -186,7 +187,7 @@ def _train_and_evaluate(config, workdir, pix2pix, stop: _StopRequest) -> train.T
   checkpoints = checkpoint.checkpoint_dir(workdir)
 
   def write_samples(state, step):
-    generated = parallel.to_host(sample_fn(state, sample_inputs, jax.random.key(0)))
+    generated = parallel.to_host(sample_fn(state, sample_inputs, jax.random.key(0), sample_indices))
     sheet = summaries.sample_sheet(samples["A"], generated, samples["B"])
     if is_main:
       summaries.write_samples(workdir / summaries.SAMPLES_DIR, step, sheet)

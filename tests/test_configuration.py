@@ -34,6 +34,7 @@ def test_bad_values_are_named(overrides, message):
     ("loss.gan_mode", "wgan", r"config.loss.gan_mode='wgan' is none of \('vanilla', 'lsgan', 'hinge'"),
     ("optim.optimizer", "adamm", r"config.optim.optimizer='adamm' is no optax function"),
     ("optim.schedule", "cosine", r"config.optim.schedule='cosine' is none of \('linear', 'constant'\)"),
+    ("optim.lr_update", "mid_epoch", r"config.optim.lr_update must be one of \('start_of_epoch', 'end_of_epoch'\)"),
 ])
 def test_bad_model_loss_and_optimizer_values_are_named(key, value, message):
   config = tiny_config()
@@ -60,7 +61,7 @@ def test_an_old_checkpoints_config_is_read_in_todays_keys():
   old = configuration.default_config().to_dict()
   old["optim"]["b1"], old["optim"]["b2"] = 0.4, 0.9
   del old["optim"]["kwargs"], old["optim"]["optimizer"], old["optim"]["schedule"]
-  del old["model"]["discriminator"], old["loss"]["terms"]
+  del old["model"]["discriminator"], old["loss"]["terms"], old["optim"]["lr_update"]
   old["steps_per_epoch"] = 400
   old["my_own_key"] = "kept"
   upgraded = configuration.upgrade(old)
@@ -69,8 +70,11 @@ def test_an_old_checkpoints_config_is_read_in_todays_keys():
       "adam", "linear", "patchgan")
   assert "steps_per_epoch" not in upgraded and "b1" not in upgraded.optim
   assert upgraded.my_own_key == "kept"
+  # The schedule it trained with: stepped at the end of each epoch, before the key existed.
+  assert upgraded.optim.lr_update == "end_of_epoch" != configuration.default_config().optim.lr_update
   expected = configuration.default_config()
   expected.optim.kwargs = ml_collections.ConfigDict({"b1": 0.4, "b2": 0.9})
+  expected.optim.lr_update = "end_of_epoch"
   expected.my_own_key = "kept"
   configuration.check_compatible(upgraded, expected, "workdir=/w")
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import re
 import tarfile
 
 import numpy as np
@@ -87,8 +88,9 @@ def test_an_archive_that_is_not_the_official_one_is_named_and_kept(tmp_path, mon
 
 def test_every_archive_has_a_recorded_md5():
   assert set(pix2pix.ARCHIVE_CHECKSUMS) == set(pix2pix.DATASETS)
-  for md5, size in pix2pix.ARCHIVE_CHECKSUMS.values():
-    assert len(md5) == 32 and int(md5, 16) >= 0 and (size is None or size > 0)
+  for name, (md5, size) in pix2pix.ARCHIVE_CHECKSUMS.items():
+    assert re.fullmatch(r"[0-9a-f]{32}", md5), f"{name}: {md5!r} is no MD5 hex digest"
+    assert size is None or (isinstance(size, int) and size > 0), name
 
 
 def test_unknown_pix2pix_dataset_is_named(tmp_path):
@@ -119,3 +121,12 @@ def test_synthetic_pairs_are_a_deterministic_function_of_the_seed(tmp_path):
   assert (first / "train" / names[0]).read_bytes() == (again / "train" / names[0]).read_bytes()
   other = synthetic.ensure_dataset(tmp_path / "a", seed=4)
   assert (other / "train" / names[0]).read_bytes() != (first / "train" / names[0]).read_bytes()
+
+
+def test_builder_gives_b_the_odd_column_as_the_reference(tmp_path, monkeypatch):
+  """The reference's B is AB.crop((w // 2, 0, w, h)): one column wider than A for an odd width."""
+  _archive(tmp_path, {"train": 1}, monkeypatch, shape=(24, 49))
+  builder = tfds.builder("pix2pix/facades", data_dir=str(tmp_path))
+  builder.download_and_prepare(file_format="array_record")
+  example = builder.as_data_source("train")[0]
+  assert example["A"].shape == (24, 24, 3) and example["B"].shape == (24, 25, 3)

@@ -3,13 +3,14 @@
 import json
 import re
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
 
-from p2p_jax import images, inference
+from p2p_jax import configuration, images, inference, train
 from p2p_jax.datasets import synthetic
-from tests.conftest import tensorboard_events
+from tests.conftest import tensorboard_events, tiny_config, tiny_pix2pix
 
 
 def _save(path, mode, size, seed=0):
@@ -188,3 +189,21 @@ def test_evaluating_a_bucket_workdir_writes_into_the_bucket(finished_run, tmp_pa
   assert (written / "test_eval_step5.json").is_file() and (written / "test_eval" / "step_00000005.png").is_file()
   assert logdirs == ["gs://bucket/run/eval"]
   assert not (tmp_path / "gs:").exists()
+
+
+def test_paper_mode_results_do_not_depend_on_the_batch_size(synthetic_dir):
+  """Each image's dropout mask comes from its index in the split, not its place in a batch.
+
+  A 6-level U-Net at 64 px: the smallest with a dropout block.
+  """
+  config = tiny_config(num_downs=6)
+  config.crop_size, config.load_size, config.data_dir = 64, 72, str(synthetic_dir)
+  pix2pix = tiny_pix2pix(config)
+  state = train.create_train_state(jax.random.key(0), pix2pix, configuration.image_shapes(config))
+  evaluate = lambda size, seed=0: inference.evaluate(state, pix2pix.generator, config, mode="paper",
+                                                     batch_size=size, seed=seed)[0]
+  results = {size: evaluate(size) for size in (1, 3, 32)}
+  for size in (3, 32):
+    for name in ("l1", "psnr", "ssim"):
+      assert results[size][name] == pytest.approx(results[1][name], rel=1e-5), (size, name)
+  assert evaluate(3, seed=1)["l1"] != pytest.approx(results[1]["l1"], rel=1e-5), "the masks vary with the seed"

@@ -45,6 +45,15 @@ def test_hinge():
     losses.hinge(FAKE, target_is_real=False, for_discriminator=False)
 
 
+def test_wgangp_is_the_references_critic_loss_without_a_penalty():
+  """GANLoss('wgangp'): -mean for real targets, mean for fake ones; the D loss halved as for the others."""
+  d_loss, real, fake = losses.discriminator_loss(losses.wgangp, REAL, FAKE)
+  assert real == pytest.approx(-np.mean(np.asarray(REAL)))
+  assert fake == pytest.approx(np.mean(np.asarray(FAKE)))
+  assert d_loss == pytest.approx(0.5 * (real + fake))
+  assert losses.generator_gan_loss(losses.wgangp, FAKE) == pytest.approx(-np.mean(np.asarray(FAKE)))
+
+
 @pytest.mark.parametrize("gan_loss", list(losses.GAN_LOSSES.values()))
 def test_a_pytree_of_logits_is_the_mean_of_each_maps_loss(gan_loss):
   """As a multi-scale discriminator returns: each map counts once, whatever its size."""

@@ -1,5 +1,6 @@
 """Shapes, parameter counts, receptive fields, init and modes of the networks."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,6 +97,11 @@ def test_dropout_is_drawn_from_the_dropout_rng_in_train_mode(small_unet):
 
 
 def test_paper_test_mode_uses_batch_statistics_and_leaves_running_stats_alone(small_unet):
+  """Train mode without a mutable batch_stats: normalised by the batch, running stats never written.
+
+  Flax refuses a write to an immutable collection, so a batch norm that
+  updated its running statistics in this mode would raise here.
+  """
   unet, variables, x = small_unet
   paper = unet.apply(variables, x, train=True, rngs={"dropout": jax.random.key(0)})
   assert paper.shape == x.shape
@@ -104,17 +110,47 @@ def test_paper_test_mode_uses_batch_statistics_and_leaves_running_stats_alone(sm
                           mutable=["batch_stats"])
   moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(a != b)), variables["batch_stats"],
                                  updated["batch_stats"])
-  assert all(jax.tree_util.tree_leaves(moved)), "train mode with mutable batch_stats updates them"
+  assert all(jax.tree_util.tree_leaves(moved)), "with batch_stats mutable, train mode would write them"
 
 
-@pytest.mark.parametrize("norm", ["instance", "none"])
-def test_other_norms_run(norm):
+@pytest.mark.parametrize("norm, biased", [("instance", True), ("none", False)])
+def test_other_norms_run_with_the_references_biases(norm, biased):
+  """The reference gives convs a bias only in front of instance norm (use_bias), none without a norm."""
   x = jnp.ones((1, 32, 32, 3))
   unet = models.UNetGenerator(num_downs=5, ngf=8, norm=norm)
   variables = unet.init({"params": jax.random.key(0)}, x, train=False)
   assert "batch_stats" not in variables
-  assert "bias" in variables["params"]["down_1"]
+  assert ("bias" in variables["params"]["down_1"]) == biased
+  assert "bias" in variables["params"]["up_0"], "the outermost transposed conv always has one"
   assert unet.apply(variables, x, train=False).shape == x.shape
+
+
+def test_instance_norm_statistics_survive_a_large_mean():
+  """A channel at 300 +- 0.1: the one-pass E[x^2] - E[x]^2 loses its whole variance to float32 rounding."""
+  x = 300.0 + 0.1 * jax.random.normal(jax.random.key(0), (2, 8, 8, 2))
+  y = layers.Norm("instance").apply({}, x, train=True)
+  x64 = np.asarray(x, np.float64)
+  mean, var = x64.mean((1, 2), keepdims=True), x64.var((1, 2), keepdims=True)
+  np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + 1e-5), rtol=1e-3, atol=1e-3)
+
+
+def test_dropout_sits_where_the_references_does():
+  """unet_256 with dropout: the same number of dropout layers, on activations of the same shapes, in order."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from tests import torch_reference as ref  # pylint: disable=g-import-not-at-top
+  unet = models.UNetGenerator(num_downs=8, ngf=2)
+  x = jnp.zeros((1, 256, 256, 3))
+  variables = unet.init({"params": jax.random.key(0)}, x, train=False)
+  _, captured = unet.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"],
+                           capture_intermediates=lambda module, _: isinstance(module, nn.Dropout))
+  ours = [value["__call__"][0].shape[1:] for value in captured["intermediates"].values()]
+  torch_net = ref.UnetGenerator(3, 3, 8, ngf=2, norm_layer=ref.get_norm_layer("batch"), use_dropout=True)
+  theirs = []
+  for module in torch_net.modules():
+    if isinstance(module, torch.nn.Dropout):
+      module.register_forward_hook(lambda m, inputs, output: theirs.append(tuple(output.shape[2:]) + output.shape[1:2]))
+  torch_net(torch.zeros(1, 3, 256, 256))
+  assert ours == [tuple(shape) for shape in theirs] == [(4, 4, 16), (8, 8, 16), (16, 16, 16)]
 
 
 def test_unknown_norm_is_named():

@@ -1,35 +1,66 @@
-"""The PyTorch reference's pix2pix networks and training step, for parity tests.
+"""A transcription of the PyTorch reference's pix2pix, for parity tests (not the reference itself).
 
-Layer for layer as junyanz/pytorch-CycleGAN-and-pix2pix has them
-(``models/networks.py`` and ``models/pix2pix_model.py``), in-place activations
-included: the in-place LeakyReLU at the top of each U-Net block rewrites the
-block's input, so the skip connection carries the LeakyReLU'd activations
-(which the up path's ReLU, their only consumer, makes immaterial:
-ReLU(LeakyReLU(x)) = ReLU(x)).
-``flax_variables`` turns a torch network's weights and running statistics into
-the variables of the matching p2p_jax module.
+junyanz/pytorch-CycleGAN-and-pix2pix cannot be installed as a package (and its
+data code needs torchvision, which does not run beside the CPU build of torch
+2.13 here), so the parts the tests compare against are transcribed from it,
+line by line, in PyTorch and PIL:
+
+- ``models/networks.py``: ``get_norm_layer`` (batch, instance, none with its
+  ``Identity``), the ``use_bias`` rule of every network, ``init_weights``
+  ('normal'), ``get_scheduler`` (the 'linear' ``lambda_rule`` in ``LambdaLR``),
+  ``UnetGenerator`` / ``UnetSkipConnectionBlock``, ``ResnetGenerator`` /
+  ``ResnetBlock``, ``NLayerDiscriminator``, ``PixelDiscriminator`` and
+  ``GANLoss`` (vanilla, lsgan, wgangp).
+- ``models/pix2pix_model.py``: ``optimize_parameters`` with ``backward_D``
+  and ``backward_G`` (``optimize_parameters`` below).
+- ``train.py``: where ``update_learning_rate`` is called (``epoch_learning_rates``).
+- ``data/base_dataset.py``: ``get_params``, ``get_transform`` and its
+  ``__scale_width``, ``__crop``, ``__flip`` (``reference_params`` /
+  ``reference_transform``; torchvision's ``Resize`` of a PIL image is PIL's
+  ``resize`` with the same filter).
+- ``data/aligned_dataset.py``: ``__getitem__``'s split of an A|B file
+  (``split_ab``).
+
+In-place activations included: the in-place LeakyReLU at the top of each U-Net
+block rewrites the block's input, so the skip connection carries the
+LeakyReLU'd activations (which the up path's ReLU, their only consumer, makes
+immaterial: ReLU(LeakyReLU(x)) = ReLU(x)). ``flax_variables`` turns a torch
+network's weights and running statistics into the variables of the matching
+p2p_jax module.
 """
 
 import functools
-from typing import Dict, List, Sequence
+import random
+import warnings
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
+from PIL import Image
 import torch
 from torch import nn
 
 
+class Identity(nn.Module):
+  def forward(self, x):
+    return x
+
+
 def get_norm_layer(norm_type: str):
-  """The reference's norm factories: affine batch norm, plain instance norm."""
+  """The reference's norm factories: affine batch norm, plain instance norm, or none."""
   if norm_type == "batch":
     return functools.partial(nn.BatchNorm2d, affine=True, track_running_stats=True)
   if norm_type == "instance":
     return functools.partial(nn.InstanceNorm2d, affine=False, track_running_stats=False)
-  raise ValueError(f"the torch reference helper has norm 'batch' or 'instance', got {norm_type!r}")
+  if norm_type == "none":
+    return lambda x: Identity()
+  raise ValueError(f"the torch reference helper has norm 'batch', 'instance' or 'none', got {norm_type!r}")
 
 
 def _use_bias(norm_layer) -> bool:
-  # The reference keeps conv biases only in front of instance norm.
-  return norm_layer.func == nn.InstanceNorm2d
+  # The reference's test, as written in each network's constructor.
+  if isinstance(norm_layer, functools.partial):
+    return norm_layer.func == nn.InstanceNorm2d
+  return norm_layer == nn.InstanceNorm2d
 
 
 def init_weights(net: nn.Module, gain: float = 0.02) -> None:
@@ -178,18 +209,21 @@ class PixelDiscriminator(nn.Module):
 
 
 class GANLoss(nn.Module):
-  """The reference's GAN objective on logits: ``vanilla`` (BCE with logits) or ``lsgan`` (MSE)."""
+  """The reference's GAN objective on logits: ``vanilla`` (BCE with logits), ``lsgan`` (MSE), ``wgangp``."""
 
   def __init__(self, gan_mode, target_real_label=1.0, target_fake_label=0.0):
     super().__init__()
     self.register_buffer("real_label", torch.tensor(target_real_label))
     self.register_buffer("fake_label", torch.tensor(target_fake_label))
-    losses = {"lsgan": nn.MSELoss, "vanilla": nn.BCEWithLogitsLoss}
+    self.gan_mode = gan_mode
+    losses = {"lsgan": nn.MSELoss, "vanilla": nn.BCEWithLogitsLoss, "wgangp": lambda: None}
     if gan_mode not in losses:
-      raise ValueError(f"the torch reference helper has gan_mode 'vanilla' or 'lsgan', got {gan_mode!r}")
+      raise ValueError(f"the torch reference helper has gan_mode 'vanilla', 'lsgan' or 'wgangp', got {gan_mode!r}")
     self.loss = losses[gan_mode]()
 
   def forward(self, prediction, target_is_real):
+    if self.gan_mode == "wgangp":
+      return -prediction.mean() if target_is_real else prediction.mean()
     target = self.real_label if target_is_real else self.fake_label
     return self.loss(prediction, target.expand_as(prediction))
 
@@ -231,6 +265,105 @@ def optimize_parameters(net_g, net_d, optimizer_g, optimizer_d, criterion_gan, r
               g_gan=loss_g_gan.item(), g_l1=loss_g_l1.item(), g_loss=loss_g.item())
 
 
+def linear_scheduler(optimizer, n_epochs: int, n_epochs_decay: int, epoch_count: int = 1):
+  """``get_scheduler`` for ``lr_policy='linear'``: ``LambdaLR`` with the reference's ``lambda_rule``."""
+  def lambda_rule(epoch):
+    return 1.0 - max(0, epoch + epoch_count - n_epochs) / float(n_epochs_decay + 1)
+  return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda_rule)
+
+
+def epoch_learning_rates(lr: float, n_epochs: int, n_epochs_decay: int, update: str) -> List[float]:
+  """The rate each epoch runs at when ``train.py`` calls ``update_learning_rate`` at its ``update``.
+
+  Drives a real optimizer and ``LambdaLR`` in the reference's call order:
+  ``"start_of_epoch"`` as its train.py does now, ``"end_of_epoch"`` as it did
+  before 2020. Each epoch's rate is read where its iterations would run.
+  """
+  optimizer = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=lr)
+  scheduler = linear_scheduler(optimizer, n_epochs, n_epochs_decay)
+  rates = []
+  with warnings.catch_warnings():
+    # Stepping the scheduler before the first optimizer step, as the reference
+    # does at the start of its first epoch, makes torch warn.
+    warnings.simplefilter("ignore", UserWarning)
+    for _ in range(1, n_epochs + n_epochs_decay + 1):
+      if update == "start_of_epoch":
+        scheduler.step()
+      rates.append(optimizer.param_groups[0]["lr"])  # The epoch's iterations run here.
+      optimizer.step()
+      if update == "end_of_epoch":
+        scheduler.step()
+  return rates
+
+
+def split_ab(ab: Image.Image):
+  """``aligned_dataset.__getitem__``: A is the left half, B the rest (the odd column included)."""
+  w, h = ab.size
+  w2 = int(w / 2)
+  return ab.crop((0, 0, w2, h)), ab.crop((w2, 0, w, h))
+
+
+def reference_params(preprocess: str, load_size: int, crop_size: int, size, rng: random.Random):
+  """``base_dataset.get_params``: the crop position and the flip, drawn as the reference draws them."""
+  w, h = size
+  new_h, new_w = h, w
+  if preprocess == "resize_and_crop":
+    new_h = new_w = load_size
+  elif preprocess == "scale_width_and_crop":
+    new_w = load_size
+    new_h = load_size * h // w
+  x = rng.randint(0, np.maximum(0, new_w - crop_size))
+  y = rng.randint(0, np.maximum(0, new_h - crop_size))
+  flip = rng.random() > 0.5
+  return {"crop_pos": (x, y), "flip": flip}
+
+
+def reference_transform(img: Image.Image, params, preprocess: str, load_size: int, crop_size: int,
+                        no_flip: bool = False) -> np.ndarray:
+  """``base_dataset.get_transform`` with ``params``: resize, crop, flip, then [-1, 1] (HWC float32)."""
+  if "resize" in preprocess:
+    img = img.resize((load_size, load_size), Image.BICUBIC)
+  elif "scale_width" in preprocess:
+    ow, oh = img.size
+    if not (ow == load_size and oh >= crop_size):
+      img = img.resize((load_size, int(max(load_size * oh / ow, crop_size))), Image.BICUBIC)
+  if "crop" in preprocess:
+    ow, oh = img.size
+    x1, y1 = params["crop_pos"]
+    if ow > crop_size or oh > crop_size:
+      img = img.crop((x1, y1, x1 + crop_size, y1 + crop_size))
+  if not no_flip and params["flip"]:
+    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+  return np.asarray(img, np.float32) / 127.5 - 1.0
+
+
+class GivenDropout(nn.Module):
+  """A stand-in for ``nn.Dropout(0.5)`` that applies a mask set from outside (already scaled by 1/0.5)."""
+
+  def __init__(self):
+    super().__init__()
+    self.mask = None
+
+  def forward(self, x):
+    return x * self.mask
+
+
+def give_dropout_masks(net: nn.Module) -> List[GivenDropout]:
+  """Replaces ``net``'s ``nn.Dropout`` modules by ``GivenDropout``s; returns them in forward order.
+
+  For the U-Net, ``modules()`` order is forward order: each block's dropout
+  comes after its submodule's.
+  """
+  dropouts = [m for m in net.modules() if isinstance(m, nn.Dropout)]
+  parents = {id(child): (module, name) for module in net.modules() for name, child in module.named_children()}
+  given = []
+  for dropout in dropouts:
+    module, name = parents[id(dropout)]
+    given.append(GivenDropout())
+    setattr(module, name, given[-1])
+  return given
+
+
 # Names of p2p_jax's layers in the order the torch reference runs them (which is
 # the order of ``nn.Module.modules()`` for these networks): every conv and norm.
 
@@ -260,13 +393,16 @@ def _numpy(tensor: torch.Tensor, *axes: int) -> np.ndarray:
   return tensor.detach().cpu().numpy().transpose(axes or None).copy()
 
 
-def flax_variables(net: nn.Module, names: Sequence[str]) -> Dict[str, dict]:
+def flax_variables(net: nn.Module, names: Sequence[str],
+                   tensor: Callable[[torch.Tensor], torch.Tensor] = lambda param: param) -> Dict[str, dict]:
   """``net``'s weights and running statistics as p2p_jax variables.
 
   The torch layers pair with ``names`` in order. Conv2d weights
   ``(out, in, kh, kw)`` become HWIO kernels, ConvTranspose2d weights
   ``(in, out, kh, kw)`` become ``(in, kh, kw, out)``, and a BatchNorm2d becomes
   the ``bn`` child of the named ``Norm``. Instance norm holds no variables.
+  ``tensor`` maps each parameter to what is laid out in its place (e.g. its
+  Adam moment: ``lambda p: optimizer.state[p]["exp_avg"]``).
   """
   torch_layers = [m for m in net.modules() if isinstance(m, _LAYER_TYPES)]
   if len(torch_layers) != len(names):
@@ -276,10 +412,10 @@ def flax_variables(net: nn.Module, names: Sequence[str]) -> Dict[str, dict]:
   for name, layer in zip(names, torch_layers):
     if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
       axes = (2, 3, 1, 0) if isinstance(layer, nn.Conv2d) else (0, 2, 3, 1)
-      params[name] = {"kernel": _numpy(layer.weight, *axes)}
+      params[name] = {"kernel": _numpy(tensor(layer.weight), *axes)}
       if layer.bias is not None:
-        params[name]["bias"] = _numpy(layer.bias)
+        params[name]["bias"] = _numpy(tensor(layer.bias))
     elif isinstance(layer, nn.BatchNorm2d):
-      params[name] = {"bn": {"scale": _numpy(layer.weight), "bias": _numpy(layer.bias)}}
+      params[name] = {"bn": {"scale": _numpy(tensor(layer.weight)), "bias": _numpy(tensor(layer.bias))}}
       batch_stats[name] = {"bn": {"mean": _numpy(layer.running_mean), "var": _numpy(layer.running_var)}}
   return {"params": params, "batch_stats": batch_stats}

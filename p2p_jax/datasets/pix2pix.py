@@ -126,5 +126,5 @@ class Pix2pix(tfds.core.GeneratorBasedBuilder):
       height, width = pair.shape[:2]
       if width < PAIR_MIN_ASPECT * height:
         raise not_a_pair_error(path, width, height)
-      half = width // 2
-      yield path.name, {"A": pair[:, :half], "B": pair[:, half:2 * half], "filename": path.name}
+      half = width // 2  # B takes the odd column, as the reference's AB.crop((w2, 0, w, h)).
+      yield path.name, {"A": pair[:, :half], "B": pair[:, half:], "filename": path.name}
