@@ -1,9 +1,10 @@
-r"""Times the compiled train_step (or, with --data, the input pipeline).
+r"""Times the compiled train_step (or, with --data, the input pipeline; with --checkpoint, checkpoints).
 
     python -m experiments.benchmark --size 256 --batch 1 --steps 10
     python -m experiments.benchmark --size 256 --profile  # also op time per layer
     python -m experiments.benchmark --size 256 --floor    # also the ratio to the FLOP floor
     python -m experiments.benchmark --data --dataset ../shared/data/people2outline
+    python -m experiments.benchmark --checkpoint --size 256  # save and restore, with checksums
 
 Random data, timed after compilation; the last line printed is one JSON object
 (images_per_sec, ms_per_step, compile_s, peak_rss_mib, ...). Compare it with
@@ -60,6 +61,8 @@ flags.DEFINE_bool("region_analysis", True, "Compile with runtime.COMPILER_OPTION
 flags.DEFINE_bool("floor", False, "Also time a large float32 matmul and report the step against its compute "
                   "floor: XLA's FLOP count at that rate.")
 flags.DEFINE_bool("data", False, "Time the input pipeline instead of the train step.")
+flags.DEFINE_bool("checkpoint", False, "Time saving and restoring the whole state (with its checksums) "
+                  "instead of the train step.")
 flags.DEFINE_string("dataset", "synthetic", "With --data: config.dataset (a folder in the pix2pix layout).")
 FLAGS = flags.FLAGS
 
@@ -242,11 +245,62 @@ def benchmark_train() -> None:
                g_loss=float(np.ravel(metrics["g_loss"])[-1])))
 
 
+def benchmark_checkpoint() -> None:
+  """Save (waited for) and restore of the state, and the checksums' share of each, in a temp dir."""
+  from p2p_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  config = config_from_flags()
+  pix2pix = recipe.Pix2Pix.from_config(config, steps_per_epoch=1000)
+  shapes = configuration.image_shapes(config)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  init = functools.partial(train.create_train_state, pix2pix=pix2pix, batch=shapes)
+
+  @jax.jit
+  def trained_state(key):
+    """Every array noisy, as after training: fresh Adam moments are zeros that compress to nothing."""
+    leaves, treedef = jax.tree_util.tree_flatten(init(key))
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [
+        x + 0.01 * jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        for x, k in zip(leaves, keys)])
+
+  state = trained_state(jax.random.key(0))
+  checkpoint.quiet_orbax_logs()
+  times = collections.defaultdict(list)
+  with tempfile.TemporaryDirectory() as workdir:
+    manager = checkpoint.make_manager(workdir, max_to_keep=1)
+    for step in range(1, FLAGS.warmup + FLAGS.steps + 1):
+      start = time.perf_counter()
+      checkpoint.array_checksums(state)
+      checksums = time.perf_counter()
+      checkpoint.save(manager, state, step, config, pix2pix)
+      checkpoint.check_saved(manager, step, wait=True)
+      saved = time.perf_counter()
+      restored, _ = checkpoint.restore(manager, step, pix2pix, shapes, sharding)
+      jax.block_until_ready(restored)
+      if step > FLAGS.warmup:
+        times["checksums"].append(checksums - start)
+        times["save"].append(saved - checksums)
+        times["restore"].append(time.perf_counter() - saved)
+    on_disk = checkpoint._bytes_on_disk(os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step)))  # pylint: disable=protected-access
+  median = {name: 1000 * statistics.median(values) for name, values in times.items()}
+  _report(dict(mode="checkpoint", size=FLAGS.size, state_mib=round(sum(
+      x.nbytes for x in jax.tree_util.tree_leaves(state)) / 2**20, 1), on_disk_mib=round(on_disk / 2**20, 1),
+      save_ms=round(median["save"], 1), restore_ms=round(median["restore"], 1),
+      checksums_ms=round(median["checksums"], 1),
+      checksums_share_of_save=round(median["checksums"] / median["save"], 3),
+      checksums_share_of_restore=round(median["checksums"] / median["restore"], 3)))
+
+
 def main(argv):
   del argv
   if FLAGS.reuse_host_memory:
     runtime.reuse_host_memory()
-  benchmark_data() if FLAGS.data else benchmark_train()
+  if FLAGS.data:
+    benchmark_data()
+  elif FLAGS.checkpoint:
+    benchmark_checkpoint()
+  else:
+    benchmark_train()
 
 
 

@@ -35,7 +35,7 @@ def main(argv):
                                             mode=FLAGS.mode, batch_size=FLAGS.batch_size,
                                             data_dir=FLAGS.data_dir)
   except cli.USER_ERRORS as error:
-    cli.exit_with(error, {"batch_size": "--batch_size", "split": "--split"})
+    cli.exit_with(error, {"batch_size": "--batch_size", "split": "--split", "step": "--step"})
   logging.info("Wrote %s", pathlib.Path(FLAGS.workdir) / inference.EVAL_DIR)
   print(json.dumps(results, indent=2))
 

@@ -34,7 +34,8 @@ def main(argv):
                                         mode=FLAGS.mode, batch_size=FLAGS.batch_size,
                                         seed=FLAGS.seed)
   except cli.USER_ERRORS as error:  # OSError: e.g. an --output that cannot be written.
-    cli.exit_with(error, {"input_path": "--input", "output_dir": "--output", "batch_size": "--batch_size"})
+    cli.exit_with(error, {"input_path": "--input", "output_dir": "--output", "batch_size": "--batch_size",
+                          "step": "--step"})
   logging.info("Wrote %d image(s) to %s.", len(written), FLAGS.output)
 
 

@@ -14,7 +14,8 @@ What a user needs is here, each with its own docstring:
 - ``load_state``: a run's ``TrainState``; ``translate_paths`` and
   ``evaluate_checkpoint``: what ``experiments.translate`` / ``evaluate`` do.
 - Modules: ``input_pipeline``, ``models``, ``layers``, ``losses``, ``metrics``,
-  ``checkpoint``, ``summaries``, ``runtime``.
+  ``checkpoint`` (and its ``DamagedCheckpointError``, ``CheckpointSaveError``),
+  ``locking`` (``WorkdirInUseError``), ``summaries``, ``runtime``.
 
 Importing p2p_jax applies its XLA:CPU settings (``runtime.configure``; set
 ``P2P_JAX_CPU_TUNING=0`` to keep JAX's defaults). Names load on first use, so
@@ -45,7 +46,7 @@ _EXPORTS = {
 }
 _RENAMED = {"check_config": "check"}
 _MODULES = ("checkpoint", "configuration", "images", "inference", "input_pipeline", "layers", "losses",
-            "metrics", "models", "progress", "recipe", "runtime", "summaries", "train", "trainer")
+            "locking", "metrics", "models", "progress", "recipe", "runtime", "summaries", "train", "trainer")
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 
 

@@ -68,7 +68,16 @@ def _check_images(paths: List[pathlib.Path], side_by_side: bool, skip_bad_files:
   return good
 
 
-def _folder_source(root: pathlib.Path, split: str, skip_bad_files: bool, cache: bool) -> PairSource:
+def _splits_of(root: pathlib.Path) -> List[str]:
+  """The sub-folders of ``root`` that hold images, side by side or in A/ and B/."""
+  if not root.is_dir():
+    return []
+  return sorted(d.name for d in root.iterdir() if d.is_dir() and (
+      images.image_files(d) or ((d / "A").is_dir() and (d / "B").is_dir())))
+
+
+def _folder_source(root: pathlib.Path, split: str, named_by: str, skip_bad_files: bool,
+                   cache: bool) -> PairSource:
   """``root/split/*.jpg`` side by side, or ``root/split/{A,B}/`` with matching names."""
   split_dir = root / split
   a_dir, b_dir = split_dir / "A", split_dir / "B"
@@ -88,9 +97,9 @@ def _folder_source(root: pathlib.Path, split: str, skip_bad_files: bool, cache: 
     files = images.image_files(split_dir) if split_dir.is_dir() else []
     if not files:
       raise ValueError(
-          f"No images for split {split!r} of dataset {root}: looked for "
+          f"{named_by}={split!r}: no images for this split of dataset {root}: looked for "
           f"{split_dir}/*{{{','.join(images.IMAGE_EXTENSIONS)}}} (A|B side by side) and for the folders "
-          f"{a_dir} and {b_dir}. Set config.train_split / config.eval_split to the folder names.")
+          f"{a_dir} and {b_dir}; the splits there are {_splits_of(root)}.")
     pairs = (_check_images(files, True, skip_bad_files), None)
     side_by_side = True
   a_paths = tf.constant([str(p) for p in pairs[0]])
@@ -107,7 +116,7 @@ def _folder_source(root: pathlib.Path, split: str, skip_bad_files: bool, cache: 
   return PairSource(f"{split_dir}", [p.name for p in pairs[0]], read, side_by_side)
 
 
-def _tfds_source(name: str, split: str, data_dir: str, verify_checksums: bool) -> PairSource:
+def _tfds_source(name: str, split: str, named_by: str, data_dir: str, verify_checksums: bool) -> PairSource:
   import tensorflow_datasets as tfds
 
   config_name = name.split("/", 1)[1]
@@ -124,7 +133,8 @@ def _tfds_source(name: str, split: str, data_dir: str, verify_checksums: bool) -
         f"With no network, put {config_name}.tar.gz from {pix2pix.URL.format(name=config_name)} "
         f"into {pathlib.Path(builder.data_dir_root) / 'downloads' / 'manual'} and run again.") from error
   if split not in builder.info.splits:
-    raise ValueError(f"Dataset {name} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+    raise ValueError(f"{named_by}={split!r}: dataset {name} has no such split; it has "
+                     f"{sorted(builder.info.splits)}.")
   source = builder.as_data_source(split, decoders={"A": tfds.decode.SkipDecoding(),
                                                    "B": tfds.decode.SkipDecoding()})
   filenames = [source[i]["filename"].decode() for i in range(len(source))]
@@ -140,17 +150,22 @@ def _tfds_source(name: str, split: str, data_dir: str, verify_checksums: bool) -
   return PairSource(f"{name}:{split}", filenames, read, side_by_side=False)
 
 
-def pair_source(config: ml_collections.ConfigDict, split: str) -> PairSource:
-  """The source named by ``config.dataset``: "synthetic", "pix2pix/<name>" or a folder."""
+def pair_source(config: ml_collections.ConfigDict, split: str, *, named_by: str = "split") -> PairSource:
+  """The source named by ``config.dataset``: "synthetic", "pix2pix/<name>" or a folder.
+
+  ``named_by`` is where ``split`` came from (``config.eval_split``, an
+  argument), which an error about the split names.
+  """
   if config.dataset == "synthetic":
-    return _folder_source(synthetic.ensure_dataset(config.data_dir, config.seed), split, False, config.cache)
+    return _folder_source(synthetic.ensure_dataset(config.data_dir, config.seed), split, named_by, False,
+                          config.cache)
   if config.dataset.startswith("pix2pix/"):
-    return _tfds_source(config.dataset, split, config.data_dir, config.verify_checksums)
+    return _tfds_source(config.dataset, split, named_by, config.data_dir, config.verify_checksums)
   root = pathlib.Path(config.dataset).expanduser()
   if not root.is_dir():
     raise ValueError(f"config.dataset={config.dataset!r} is neither 'synthetic', 'pix2pix/<name>' "
                      "nor an existing folder in the pix2pix layout (<folder>/<split>/*.jpg).")
-  return _folder_source(root, split, config.skip_bad_files, config.cache)
+  return _folder_source(root, split, named_by, config.skip_bad_files, config.cache)
 
 
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
@@ -166,7 +181,7 @@ def steps_per_epoch(config: ml_collections.ConfigDict, source: Optional[PairSour
   ends each epoch with a short batch, ceil(N / B) steps; the epochs, and so
   the learning-rate schedule in epochs, are the same.
   """
-  source = source or pair_source(config, config.train_split)
+  source = source or pair_source(config, config.train_split, named_by="config.train_split")
   return fractions.Fraction(source.num_examples, config.batch_size)
 
 
@@ -268,7 +283,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  source = source or pair_source(config, config.train_split)
+  source = source or pair_source(config, config.train_split, named_by="config.train_split")
   local_batch = config.batch_size // process_count
   positions = _stream_positions(source.num_examples, config.seed, start_step, config.batch_size,
                                 local_batch, process_index)
@@ -292,7 +307,9 @@ def make_eval_dataset(config: ml_collections.ConfigDict, *, batch_size: Optional
 
   ``source``, if given, is that split, opened already.
   """
-  source = source or pair_source(config, split or config.eval_split)
+  if source is None:
+    source = (pair_source(config, split) if split else
+              pair_source(config, config.eval_split, named_by="config.eval_split"))
   filenames = tf.constant(source.filenames)
 
   def load(index):

@@ -68,11 +68,14 @@ def write_samples(directory, step: int, sheet: np.ndarray) -> epath.Path:
   ``directory`` may be a local path or a URL such as ``gs://bucket/run/samples``.
   """
   directory = epath.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
   path = sheet_path(directory, step)
-  with path.open("wb") as file:
-    Image.fromarray(sheet).save(file, format="PNG")
-  write_index(directory)
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as file:
+      Image.fromarray(sheet).save(file, format="PNG")
+    write_index(directory)
+  except OSError as error:  # PIL's error names no file.
+    raise OSError(error.errno, f"Cannot write the sample sheet {path}: {error.strerror or error}") from None
   return path
 
 

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from p2p_jax import (checkpoint, configuration, inference, input_pipeline, parallel, progress, recipe,
-                     summaries, train)
+from p2p_jax import (checkpoint, configuration, inference, input_pipeline, locking, parallel, progress,
+                     recipe, summaries, train)
 
 
 class NonFiniteError(FloatingPointError):
@@ -121,17 +121,38 @@ class _PendingMetrics:
 
 
 def _restore_or_init(manager, config, pix2pix, sharding, workdir) -> Tuple[train.TrainState, int]:
+  """The newest intact checkpoint's state and step, or a fresh state at step 0.
+
+  Damaged checkpoints newer than the intact one are set aside (moved to
+  ``checkpoints_damaged/``, not deleted) with a warning; if none is intact,
+  nothing is moved and the error says so.
+  """
   shapes = configuration.image_shapes(config)
-  latest = manager.latest_step()
-  if latest is None:
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     init = lambda key: train.create_train_state(key, pix2pix, shapes)
-    state = jax.jit(init, out_shardings=sharding)(jax.random.key(config.seed))
-    return state, 0
-  saved = checkpoint.restore_config(manager, latest)
-  configuration.check_compatible(saved, config, f"workdir={workdir}")
-  state, start_step = checkpoint.restore(manager, latest, pix2pix, shapes, sharding)
-  logging.info("Resuming from the checkpoint of step %d in %s.", latest, manager.directory)
-  return state, start_step
+    return jax.jit(init, out_shardings=sharding)(jax.random.key(config.seed)), 0
+  damaged = []
+  for step in steps:
+    try:
+      saved = checkpoint.restore_config(manager, step)
+      configuration.check_compatible(saved, config, f"workdir={workdir}")
+      state, start_step = checkpoint.restore(manager, step, pix2pix, shapes, sharding)
+    except checkpoint.DamagedCheckpointError as error:
+      logging.error("%s", error)
+      damaged.append(error)
+      continue
+    for error in damaged:
+      aside = checkpoint.set_aside(manager, error.step)
+      logging.warning("RESUMING FROM AN OLDER CHECKPOINT: checkpoint %d is damaged (%s). It was moved "
+                      "to %s; training resumes from step %d, the newest intact checkpoint.",
+                      error.step, error.what, aside, step)
+    logging.info("Resuming from the checkpoint of step %d in %s.", step, manager.directory)
+    return state, start_step
+  raise checkpoint.DamagedCheckpointError(
+      damaged[0].step, manager.directory,
+      f"{damaged[0].what} No checkpoint of this run is intact (steps {steps} checked); they were left "
+      "in place. Restore the workdir from a backup, or train into a new workdir.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
@@ -158,8 +179,14 @@ def _train_and_evaluate(config, workdir, pix2pix, stop: _StopRequest) -> train.T
   workdir = checkpoint.workdir_path(workdir)
   mesh = parallel.make_mesh()
   configuration.check(config, num_devices=mesh.size, num_processes=jax.process_count(), pix2pix=pix2pix)
-  train_source = input_pipeline.pair_source(config, config.train_split)
-  eval_source = input_pipeline.pair_source(config, config.eval_split)
+  with locking.hold(workdir):
+    return _train(config, workdir, pix2pix, stop, mesh)
+
+
+def _train(config, workdir, pix2pix, stop: _StopRequest, mesh) -> train.TrainState:
+  # The eval split first: it is usually the smaller, and a bad one is found before the long scan.
+  eval_source = input_pipeline.pair_source(config, config.eval_split, named_by="config.eval_split")
+  train_source = input_pipeline.pair_source(config, config.train_split, named_by="config.train_split")
   steps_per_epoch = input_pipeline.steps_per_epoch(config, train_source)
   pix2pix = pix2pix or recipe.Pix2Pix.from_config(config, steps_per_epoch=steps_per_epoch)
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(parallel.DATA_AXIS))
@@ -193,21 +220,27 @@ def _train_and_evaluate(config, workdir, pix2pix, stop: _StopRequest) -> train.T
       summaries.write_samples(workdir / summaries.SAMPLES_DIR, step, sheet)
     writer.write_images(step, {"samples": sheet[None]})
 
-  def save(state, step, log):
+  def save(state, step, log, previous):
     log.flush(step, checkpoints)
+    if previous is not None:  # Its write must have succeeded (the new save would wait for it anyway).
+      checkpoint.check_saved(manager, previous, wait=True)
     if not parallel.to_host(_all_finite(state)):
       raise NonFiniteError(f"The state after step {step} is not finite; it was not saved. The "
                            f"checkpoints in {checkpoints} are kept; lower config.optim.lr.")
     checkpoint.save(manager, state, step, config, pix2pix)
+    return step
 
   if stop.agreed(at_sync_point=True):
     logging.warning("Stopped by %s before step %d; nothing new to save in %s.", stop.signal_name,
                     start_step + 1, checkpoints)
     return state
+  saved = None  # The step of the last save begun; its write finishes in the background.
   try:
     with progress.Progress(num_steps, start_step, enabled=is_main) as terminal:
       log = _PendingMetrics(writer, terminal, pix2pix.learning_rate)
       for step in range(start_step + 1, num_steps + 1):
+        if saved is not None:  # A failed save stops the run at the next step, not at the end.
+          checkpoint.check_saved(manager, saved)
         batch = jax.tree_util.tree_map(
             lambda x: jax.make_array_from_process_local_data(batch_sharding, x), next(batches))
         state, step_metrics = step_fn(state, batch)
@@ -219,12 +252,19 @@ def _train_and_evaluate(config, workdir, pix2pix, stop: _StopRequest) -> train.T
         if step % config.sample_every_steps == 0 or step == num_steps:
           write_samples(state, step)
         if step % config.checkpoint_every_steps == 0 or step == num_steps or stopping:
-          save(state, step, log)
+          saved = save(state, step, log, saved)
         if stopping:
           logging.warning("Stopped by %s after step %d; saved a checkpoint in %s.",
                           stop.signal_name, step, checkpoints)
           break
+    if saved is not None:
+      checkpoint.check_saved(manager, saved, wait=True)
+  except OSError:  # A full disk fails whatever writes next; the save it broke is what to report.
+    if saved is not None:
+      checkpoint.check_saved(manager, saved, wait=True)
+    raise
   finally:
-    manager.wait_until_finished()
+    with contextlib.suppress(Exception):  # Already reported by check_saved, or the error under way is the news.
+      manager.wait_until_finished()
     writer.flush()
   return state

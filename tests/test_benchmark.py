@@ -60,3 +60,13 @@ def test_a_small_run_reports_one_json_line_a_profile_and_the_floor(capsys):
   assert any("UNetGenerator/up_0 backward" in line for line in lines[:-1])
   assert any("PatchDiscriminator/conv_0 forward" in line for line in lines[:-1])
   assert sum(line.startswith("profile op ") for line in lines) == 3
+
+
+def test_a_small_checkpoint_run_reports_save_restore_and_the_checksums_share(capsys):
+  with flagsaver.flagsaver(size=32, steps=1, warmup=1):
+    benchmark.benchmark_checkpoint()
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["mode"] == "checkpoint" and result["save_ms"] > 0 and result["restore_ms"] > 0
+  assert 0 < result["on_disk_mib"] and 0 < result["checksums_share_of_save"] < 1
+  assert result["checksums_share_of_restore"] == pytest.approx(result["checksums_ms"] / result["restore_ms"],
+                                                               rel=0.05)

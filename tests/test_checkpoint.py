@@ -1,5 +1,9 @@
 """Orbax checkpoints: exact round trip, restoring onto another device layout, errors, refusals."""
 
+import errno
+import pathlib
+import time
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -77,3 +81,116 @@ def test_compatibility_names_each_differing_key_and_allows_resumable_ones():
     configuration.check_compatible(saved, config, "workdir=/w")
   config.model.ngf, config.seed = 8, 0
   configuration.check_compatible(saved, config, "workdir=/w")
+
+
+def _largest_state_file(workdir, step):
+  files = [p for p in pathlib.Path(checkpoint.checkpoint_dir(workdir), str(step), "state").rglob("*")
+           if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bytes_overwritten_in_place_are_found_and_named(tmp_path, trained, seed):
+  """4 KB of random bytes at a random offset of the largest data file: an error, never a silent load."""
+  config, state = trained
+  _save(tmp_path, config, state, [1])
+  path = _largest_state_file(tmp_path, 1)
+  rng = np.random.default_rng(seed)
+  data = bytearray(path.read_bytes())
+  offset = int(rng.integers(0, len(data) - 4096))
+  data[offset:offset + 4096] = rng.bytes(4096)
+  path.write_bytes(bytes(data))
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=rf"Checkpoint 1 in {tmp_path}/checkpoints is damaged: the state array \S+ "
+                           r"(does not match the checksum|cannot be read)") as caught:
+    checkpoint.load_state(tmp_path)
+  assert "\n" not in str(caught.value)
+
+
+def test_an_array_that_differs_from_its_checksum_is_named(tmp_path, trained, monkeypatch):
+  """Bytes that still decode (the case compression cannot see) are caught by the checksums."""
+  config, state = trained
+  kernel = state.g_params["up_0"]["kernel"]
+  changed = state.replace(g_params={**state.g_params, "up_0": {**state.g_params["up_0"],
+                                                               "kernel": kernel.at[0, 0, 0, 0].add(1e-3)}})
+  checksums = checkpoint.array_checksums(state)  # Saved with `changed`: as if its bytes changed on disk.
+  monkeypatch.setattr(checkpoint, "array_checksums", lambda _: checksums)
+  manager = checkpoint.make_manager(tmp_path)
+  checkpoint.save(manager, changed, 1, config, tiny_pix2pix(config))
+  manager.wait_until_finished()
+  monkeypatch.undo()
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=r"is damaged: the state array g_params/up_0/kernel does not match the checksum"):
+    checkpoint.load_state(tmp_path)
+
+
+def test_checksums_see_a_change_of_one_bit_anywhere(trained):
+  _, state = trained
+  kernel = np.asarray(state.g_params["up_0"]["kernel"])
+  before = checkpoint.array_checksums(kernel)
+  for index in (0, kernel.size // 2, kernel.size - 1):
+    flipped = kernel.copy().reshape(-1)
+    flipped.view(np.uint32)[index] ^= 1 << (index % 32)
+    assert checkpoint.array_checksums(flipped.reshape(kernel.shape)) != before
+
+
+@pytest.mark.parametrize("damage, what", [
+    ("truncate", r"the state array \S+ cannot be read \(.*\); a file under .*/checkpoints/2 is truncated"),
+    ("empty_metadata", r"\S+/checkpoints/2/state/_METADATA is empty\."),
+    ("bad_checksums", r"\S+/checkpoints/2/checksums/metadata is not valid JSON"),
+])
+def test_a_damaged_latest_checkpoint_is_one_line_that_names_the_intact_ones(tmp_path, trained, damage, what):
+  config, state = trained
+  _save(tmp_path, config, state, [1, 2])
+  step_dir = pathlib.Path(checkpoint.checkpoint_dir(tmp_path), "2")
+  if damage == "truncate":
+    path = _largest_state_file(tmp_path, 2)
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+  elif damage == "empty_metadata":
+    (step_dir / "state" / "_METADATA").write_text("")
+  else:
+    (step_dir / "checksums" / "metadata").write_text('{"g_params/up_0/kernel": [1, ')
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=rf"^Checkpoint 2 in \S+ is damaged: {what}.* Intact: \[1\]; pick one with step=1\.$"):
+    checkpoint.load_state(tmp_path)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(checkpoint.load_state(tmp_path, step=1)),
+                         jax.device_get(state))
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_before_writing(tmp_path, trained, monkeypatch):
+  config, state = trained
+  manager = _save(tmp_path, config, state, [1])
+  monkeypatch.setattr(checkpoint, "_free_bytes", lambda directory: 10_000)
+  with pytest.raises(checkpoint.CheckpointSaveError,
+                     match=rf"Not enough space for checkpoint 2 in {tmp_path}/checkpoints: it needs about "
+                           r"[\d.]+ MB, the disk has 0.0 MB free\. The checkpoints already there are kept"):
+    checkpoint.save(manager, state, 2, config, tiny_pix2pix(config))
+  assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()) == ["1"]
+
+
+def _fail_writes(monkeypatch):
+  """Every array write of orbax's background thread fails as on a full disk."""
+  from orbax.checkpoint._src.serialization import serialization  # pylint: disable=g-import-not-at-top
+
+  def no_space(array):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(serialization, "estimate_write_memory_footprint", no_space)
+
+
+def test_a_save_that_fails_in_the_background_is_reported_and_cleaned_up(tmp_path, trained, monkeypatch):
+  config, state = trained
+  manager = _save(tmp_path, config, state, [1])
+  _fail_writes(monkeypatch)
+  checkpoint.save(manager, state, 2, config, tiny_pix2pix(config))  # Returns: the write runs in a thread.
+  with pytest.raises(checkpoint.CheckpointSaveError,
+                     match=rf"^Saving checkpoint 2 to {tmp_path}/checkpoints failed: .*No space left on device"
+                           r".*; the disk has [\d.]+ MB free, a checkpoint takes [\d.]+ MB\. Its partial files "
+                           r"were removed and the checkpoints before it are kept"):
+    while True:  # What the training loop does every step: look without waiting.
+      checkpoint.check_saved(manager, 2)
+      time.sleep(0.05)
+  assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()) == ["1"]
+  monkeypatch.undo()
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(checkpoint.load_state(tmp_path)),
+                         jax.device_get(state))

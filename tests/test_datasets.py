@@ -58,7 +58,7 @@ def test_builder_prepares_the_archive_splits_offline(tmp_path, monkeypatch):
   np.testing.assert_allclose(batch["B"], 250 / 127.5 - 1, atol=0.03)
   np.testing.assert_allclose(batch["A"][1], 40 / 127.5 - 1, atol=0.03)
   assert next(input_pipeline.make_train_dataset(config).as_numpy_iterator())["A"].shape == (2, 32, 32, 3)
-  with pytest.raises(ValueError, match=r"pix2pix/facades has no split 'validation'; it has \['test', 'train', 'val'\]"):
+  with pytest.raises(ValueError, match=r"split='validation': dataset pix2pix/facades has no such split; it has \['test', 'train', 'val'\]"):
     input_pipeline.num_examples(config, "validation")
 
 

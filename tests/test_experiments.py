@@ -11,6 +11,8 @@ import types
 
 from absl import flags
 import ml_collections
+import numpy as np
+from PIL import Image
 from ml_collections import config_flags
 import pytest
 
@@ -68,6 +70,19 @@ def failed_commands(finished_run, tmp_path_factory):
   shutil.copytree(checkpoint.checkpoint_dir(workdir), checkpoint.checkpoint_dir(copy))
   other = config.copy_and_resolve_references()
   other.model.ngf = 16
+  damaged = {}
+  for name in ("truncated", "overwritten"):  # Step 5 damaged in place, step 4 intact.
+    damaged[name] = tmp / name
+    shutil.copytree(checkpoint.checkpoint_dir(workdir), checkpoint.checkpoint_dir(damaged[name]))
+    state_files = [p for p in (damaged[name] / "checkpoints" / "5" / "state").rglob("*") if p.is_file()]
+    largest = max(state_files, key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    if name == "truncated":
+      del data[len(data) // 2:]
+    else:
+      data[len(data) // 3:len(data) // 3 + 4096] = np.random.default_rng(0).bytes(4096)
+    largest.write_bytes(bytes(data))
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp / "photo.png")
   commands = {
       "incompatible": _train_command(other, copy),
       "multihost": _train_command(config, tmp / "new", "--coordinator_address=localhost:1234"),
@@ -75,6 +90,11 @@ def failed_commands(finished_run, tmp_path_factory):
       "translate": _command("translate", "--workdir", workdir, "--input", tmp / "missing.png",
                             "--output", tmp / "out"),
       "evaluate": _command("evaluate", "--workdir", workdir, "--step", 3),
+      "split": _command("evaluate", "--workdir", workdir, "--split", "nosuchsplit"),
+      "gan_mode": _train_command(config, tmp / "wgan", "--config.loss.gan_mode=wgan"),
+      "damaged_translate": _command("translate", "--workdir", damaged["truncated"], "--input",
+                                    tmp / "photo.png", "--output", tmp / "out"),
+      "damaged_evaluate": _command("evaluate", "--workdir", damaged["overwritten"]),
   }
   before = snapshot(copy)
   processes = {name: subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -124,6 +144,31 @@ def test_evaluate_names_a_step_without_checkpoint(finished_run, failed_commands)
   stderr = _error_line(failed_commands, "evaluate")
   checkpoints = checkpoint.checkpoint_dir(finished_run[1])
   assert f"error: No checkpoint for step 3 in {checkpoints}; it holds steps [4, 5]." in stderr
+
+
+def test_evaluate_names_a_missing_split_by_its_flag_and_lists_the_splits(failed_commands):
+  stderr = _error_line(failed_commands, "split")
+  assert ("error: --split='nosuchsplit': no images for this split of dataset " in stderr
+          and "the splits there are ['test', 'train']." in stderr)
+
+
+def test_train_refuses_an_unknown_gan_mode_before_writing_anything(failed_commands):
+  stderr = _error_line(failed_commands, "gan_mode")
+  assert "error: --config.loss.gan_mode='wgan' is none of ('vanilla', 'lsgan', 'hinge', 'wgangp')" in stderr
+  assert not (failed_commands.tmp / "wgan").exists()
+
+
+@pytest.mark.parametrize("name, what", [
+    ("damaged_translate", "the state array {array} cannot be read"),
+    ("damaged_evaluate", "the state array {array} "),
+])
+def test_translate_and_evaluate_name_a_damaged_checkpoint_and_the_intact_ones(failed_commands, name, what):
+  stderr = _error_line(failed_commands, name)
+  assert "Event loop is closed" not in stderr, stderr
+  line = next(line for line in stderr.splitlines() if line.startswith("error: "))
+  assert re.fullmatch(r"error: Checkpoint 5 in \S+/checkpoints is damaged: "
+                      + re.escape(what).replace(re.escape("{array}"), r"[\w/]+")
+                      + r".* Intact: \[4\]; pick one with --step=4\.", line), line
 
 
 def _committed_steps(workdir):
@@ -178,7 +223,7 @@ def test_sigterm_and_sigint_save_exit_0_and_the_same_command_resumes_exactly(tmp
     # Not a terminal: no progress bar, one line per log step with the losses, the rate and the time left.
     assert re.search(rf"step {stopped_at}/100000: d_fake=[\d.e-]+, d_loss=[\d.e-]+, d_real=[\d.e-]+, "
                      r"g_gan=[\d.e-]+, g_l1=[\d.e-]+, g_loss=[\d.e-]+, learning_rate=[\d.e-]+; "
-                     r"[\d.e+]+ steps/s, [\d:]+ left", text), text
+                     r"[\d.e+]+ steps/s, (\d+ days?, )?[\d:]+ left", text), text
     assert "\r" not in text and "Got images" not in text, text
   uninterrupted = tmp_path / "uninterrupted"
   trainer.train_and_evaluate(run_config(synthetic_dir, num_train_steps=stopped_at, **cadences),

@@ -159,7 +159,8 @@ def test_evaluate_in_paper_mode_differs(finished_run, evaluated):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(step=3), r"No checkpoint for step 3 in {workdir}/checkpoints; it holds steps \[4, 5\]"),
-    (dict(split="val"), r"No images for split 'val' of dataset .*synthetic-v1-seed0"),
+    (dict(split="val"), r"split='val': no images for this split of dataset .*synthetic-v1-seed0.*"
+                        r"the splits there are \['test', 'train'\]"),
     (dict(batch_size=0), r"batch_size=0: must be positive"),
 ])
 def test_evaluate_names_a_missing_step_or_split(finished_run, kwargs, message):

@@ -196,7 +196,8 @@ def test_a_single_image_is_not_a_pair(folder):
 def test_a_missing_or_empty_split_lists_what_was_looked_for(folder):
   (folder / "empty").mkdir()
   for split in ("empty", "nowhere"):
-    with pytest.raises(ValueError, match=rf"No images for split '{split}'.*looked for .*{split}/\*.*{split}/A"):
+    with pytest.raises(ValueError, match=rf"split='{split}': no images for this split .*looked for "
+                                         rf".*{split}/\*.*{split}/A.*the splits there are \['test', 'train'\]"):
       input_pipeline.num_examples(_config(folder), split)
 
 

@@ -1,9 +1,14 @@
 """train_and_evaluate on synthetic data: cadences, outputs, exact resumption, stops, refusals."""
 
+import errno
 import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +16,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from p2p_jax import checkpoint, configuration, input_pipeline, recipe, summaries, trainer
+from p2p_jax import checkpoint, configuration, input_pipeline, locking, recipe, summaries, trainer
 from tests.conftest import (assert_states_equal, checkpoint_steps, run_config, snapshot,
                             tensorboard_events, tiny_pix2pix)
 
@@ -201,14 +206,115 @@ def test_an_incompatible_config_is_refused_and_the_checkpoints_untouched(tmp_pat
     (dict(num_train_steps=-1, num_epochs=0),
      r"config.num_epochs=0 with config.num_train_steps=-1: set one of them to a positive number"),
     (dict(direction="up"), r"config.direction must be one of \('AtoB', 'BtoA'\), got 'up'"),
+    ({"loss.gan_mode": "wgan"}, r"config.loss.gan_mode='wgan' is none of \('vanilla', 'lsgan', 'hinge', "
+                                r"'wgangp'\) and no import path"),
 ])
 def test_a_bad_config_is_named_before_anything_is_written(tmp_path, synthetic_dir, overrides,
                                                           message):
   config = run_config(synthetic_dir)
-  config.update(overrides)
+  config.update_from_flattened_dict(overrides)
   with pytest.raises(ValueError, match=message):
-    trainer.train_and_evaluate(config, tmp_path)
+    trainer.train_and_evaluate(config, tmp_path / "run")
   assert not any(tmp_path.iterdir())
+
+
+def test_an_eval_split_of_single_images_is_named_before_the_train_split_is_read(tmp_path, monkeypatch):
+  (tmp_path / "data" / "train").mkdir(parents=True)
+  (tmp_path / "data" / "val").mkdir()
+  for index in range(4):
+    Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(tmp_path / "data" / "train" / f"{index}.jpg")
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "data" / "val" / "photo.jpg")
+  read = []
+  decode_all = input_pipeline.images.decode_all
+  monkeypatch.setattr(input_pipeline.images, "decode_all",
+                      lambda paths: read.append(paths[0].parent.name) or decode_all(paths))
+  config = run_config("", dataset=str(tmp_path / "data"), eval_split="val")
+  with pytest.raises(ValueError, match=r"val/photo.jpg is 8x8 \(width x height\): not an A\|B pair"):
+    trainer.train_and_evaluate(config, tmp_path / "run")
+  assert read == ["val"]
+  assert not (tmp_path / "run").exists()
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_sets_the_damaged_one_aside(
+    tmp_path, finished_run, caplog):
+  """Step 5's metadata emptied: the run resumes from step 4, redoes step 5, and ends where it ended."""
+  config, finished = finished_run
+  shutil.copytree(checkpoint.checkpoint_dir(finished), checkpoint.checkpoint_dir(tmp_path))
+  (checkpoint.checkpoint_dir(tmp_path) / "5" / "state" / "_METADATA").write_text("")
+  state = trainer.train_and_evaluate(config, tmp_path)
+  assert re.search(r"RESUMING FROM AN OLDER CHECKPOINT: checkpoint 5 is damaged \(\S+/5/state/_METADATA is "
+                   rf"empty\.\)\. It was moved to {re.escape(str(tmp_path))}/checkpoints_damaged/5; training "
+                   r"resumes from step 4", caplog.text)
+  assert (tmp_path / checkpoint.DAMAGED_DIR / "5" / "state" / "_METADATA").read_text() == ""
+  assert checkpoint_steps(tmp_path) == [4, 5]
+  assert_states_equal(state, checkpoint.load_state(finished))
+  assert_states_equal(checkpoint.load_state(tmp_path), checkpoint.load_state(finished))
+
+
+def test_with_no_intact_checkpoint_resume_stops_and_moves_nothing(tmp_path, finished_run):
+  config, finished = finished_run
+  shutil.copytree(checkpoint.checkpoint_dir(finished), checkpoint.checkpoint_dir(tmp_path))
+  for step in (4, 5):
+    (checkpoint.checkpoint_dir(tmp_path) / str(step) / "state" / "_METADATA").write_text("")
+  before = snapshot(tmp_path)
+  with pytest.raises(checkpoint.DamagedCheckpointError,
+                     match=r"Checkpoint 5 in \S+ is damaged: .*_METADATA is empty\. No checkpoint of this run is "
+                           r"intact \(steps \[5, 4\] checked\); they were left in place"):
+    trainer.train_and_evaluate(config, tmp_path)
+  assert snapshot(tmp_path) == before
+
+
+def test_a_failed_save_stops_the_run_at_the_next_step_and_keeps_the_earlier_checkpoints(
+    tmp_path, synthetic_dir, monkeypatch):
+  """The save of step 4 fails in its background thread as on a full disk; step 5 never runs."""
+  from orbax.checkpoint._src.serialization import serialization  # pylint: disable=g-import-not-at-top
+  disk_full = [False]
+  footprint = serialization.estimate_write_memory_footprint
+
+  def write(array):
+    if disk_full[0]:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return footprint(array)
+
+  save = checkpoint.save
+
+  def save_then_fill_the_disk(manager, state, step, *args):
+    disk_full[0] = step >= 4
+    save(manager, state, step, *args)
+    while manager.is_saving_in_progress():  # The failure is in before step 5 starts.
+      time.sleep(0.01)
+
+  monkeypatch.setattr(serialization, "estimate_write_memory_footprint", write)
+  monkeypatch.setattr(checkpoint, "save", save_then_fill_the_disk)
+  steps_run = _hook_first_stream(monkeypatch, 5, lambda batch: pytest.fail("step 5 ran"))
+  config = run_config(synthetic_dir, num_train_steps=8, log_every_steps=100, sample_every_steps=100)
+  with pytest.raises(checkpoint.CheckpointSaveError,
+                     match=rf"Saving checkpoint 4 to {re.escape(str(tmp_path))}/checkpoints failed: .*No space "
+                           r"left on device.*the checkpoints before it are kept"):
+    trainer.train_and_evaluate(config, tmp_path)
+  assert steps_run == [0]
+  assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()) == ["2"]
+  assert not (tmp_path / locking.LOCK_FILE).exists()
+
+
+def test_a_workdir_held_by_a_live_run_is_refused_at_once_and_left_untouched(tmp_path, synthetic_dir):
+  """Another process holds the workdir (as a run does): this one names it and writes nothing."""
+  workdir = tmp_path / "run"
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys; from p2p_jax import locking\n"
+       f"with locking.hold({str(workdir)!r}):\n  print('held', flush=True); sys.stdin.read()"],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    before = snapshot(workdir)
+    with pytest.raises(locking.WorkdirInUseError,
+                       match=rf"workdir={re.escape(str(workdir))} is in use by another training run \(host "
+                             rf"{re.escape(socket.gethostname())}, pid {holder.pid}, since \d{{4}}-"):
+      trainer.train_and_evaluate(run_config(synthetic_dir), workdir)
+    assert snapshot(workdir) == before
+  finally:
+    holder.communicate("")
+  assert not workdir.exists()  # The holder took it empty and left it as it found it.
 
 
 def test_total_steps_counts_epochs_unless_num_train_steps_is_set():
