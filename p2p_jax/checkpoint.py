@@ -304,12 +304,12 @@ def _innermost_message(error: BaseException, outside: Optional[BaseException] = 
   return text if len(text) <= 400 else f"{text[:200]} ... {text[-190:]}"  # The end says why (ENOSPC).
 
 
-def _check_json_files(manager: ocp.CheckpointManager, step: int) -> None:
-  """Every JSON file orbax wrote into the step must parse: a cut or emptied one is named."""
+def _check_json_files(manager: ocp.CheckpointManager, step: int, names) -> None:
+  """The JSON files of the step and of its items ``names`` must parse: a cut or emptied one is named."""
   step_dir = epath.Path(manager.directory) / str(step)
   if not step_dir.is_dir():
     return
-  items = [p for p in step_dir.iterdir() if p.is_dir()]
+  items = [step_dir / name for name in names if (step_dir / name).is_dir()]
   metadatas = [p for item in items if (item / "array_metadatas").is_dir()
                for p in (item / "array_metadatas").iterdir()]
   candidates = [step_dir / name for name in _JSON_FILES] + [
@@ -325,8 +325,13 @@ def _check_json_files(manager: ocp.CheckpointManager, step: int) -> None:
 
 
 def _read(manager: ocp.CheckpointManager, step: int, **items):
+  """``manager.restore`` of ``items``, their JSON files checked first (``_restore_items``)."""
+  _check_json_files(manager, step, items)
+  return _restore_items(manager, step, items)
+
+
+def _restore_items(manager: ocp.CheckpointManager, step: int, items):
   """``manager.restore`` of ``items``; a DamagedCheckpointError says what of the step cannot be read."""
-  _check_json_files(manager, step)
   try:
     return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as error:  # pylint: disable=broad-except  # tensorstore raises many kinds.
@@ -385,12 +390,12 @@ def restore(manager: ocp.CheckpointManager, step: int, pix2pix: recipe.Pix2Pix, 
   before checksums existed are read unchecked).
   """
   target = abstract_state(pix2pix, shapes, sharding)
-  _check_json_files(manager, step)
-  _check_layout(manager, step, target)
   items = {STATE: ocp.args.StandardRestore(target), DATA: ocp.args.JsonRestore()}
   if _has_item(manager, step, CHECKSUMS):
     items[CHECKSUMS] = ocp.args.JsonRestore()
-  restored = _read(manager, step, **items)
+  _check_json_files(manager, step, items)  # Before the layout: it reads the state's metadata.
+  _check_layout(manager, step, target)
+  restored = _restore_items(manager, step, items)
   if CHECKSUMS in items:
     actual = array_checksums(restored[STATE])
     wrong = [name for name, value in actual.items() if restored[CHECKSUMS].get(name) != value]
