@@ -205,17 +205,3 @@ def make_discriminator(model: ml_collections.ConfigDict, axis_name: Optional[str
   """The built-in discriminator, the PatchGAN with ``model.n_layers_d`` layers."""
   return PatchDiscriminator(n_layers=model.n_layers_d, ndf=model.ndf, norm=model.norm,
                             conv_impl=model.conv_impl, axis_name=axis_name, dtype=jnp.dtype(model.dtype))
-
-
-def check_image_size(model: ml_collections.ConfigDict, size: int) -> None:
-  """Raises a ValueError naming the config values when the nets cannot take ``size``."""
-  if model.generator == "unet" and (size % 2 ** model.num_downs or size < 2 ** model.num_downs):
-    raise ValueError(
-        f"crop_size={size} cannot be halved {model.num_downs} times down to 1x1 by the U-Net "
-        f"(config.model.num_downs={model.num_downs}): use a multiple of {2 ** model.num_downs}, "
-        f"or num_downs=7 for 128 px.")
-  if model.generator == "resnet" and size % 4:
-    raise ValueError(f"crop_size={size} must be a multiple of 4 for the ResNet generator.")
-  if patch_output_size(model.n_layers_d, size) < 1:
-    raise ValueError(f"crop_size={size} is too small for a discriminator with "
-                     f"config.model.n_layers_d={model.n_layers_d}: it would output no logits.")
