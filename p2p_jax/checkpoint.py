@@ -16,12 +16,14 @@ damaged ones aside in ``<workdir>/checkpoints_damaged``. A save that fails
 (a full disk) raises a ``CheckpointSaveError`` at the next step.
 """
 
+import errno
 import json
 import logging as std_logging
 import os
 import re
 import shutil
 import sys
+import time
 from typing import Dict, List, NamedTuple, Optional
 
 from absl import logging
@@ -221,13 +223,30 @@ def _partial_saves(manager: ocp.CheckpointManager) -> List[epath.Path]:
   return [p for p in directory.iterdir() if _TMP_MARKER in p.name] if directory.exists() else []
 
 
+def _remove_partial_save(partial: epath.Path, attempts: int = 50) -> None:
+  """Removes a failed save's directory, retrying while its last writes land.
+
+  The save's thread reports the first failed array while tensorstore may still
+  be writing the others into it (and creating directories for them).
+  """
+  for _ in range(attempts):
+    try:
+      partial.rmtree(missing_ok=True)
+    except OSError as error:
+      if error.errno not in (errno.ENOTEMPTY, errno.ENOENT):
+        raise
+    time.sleep(0.1)  # A write landing now would bring a directory back.
+    if not partial.exists():
+      return
+  logging.warning("Could not remove the partial save %s; delete it by hand.", partial)
+
+
 def _save_failed(manager: ocp.CheckpointManager, step: int, error: BaseException,
                  outside: Optional[BaseException] = None) -> CheckpointSaveError:
   """The error for a failed save of ``step``, once its partial files are removed."""
-  leftovers = _partial_saves(manager)
   if jax.process_index() == 0:
-    for partial in leftovers:
-      partial.rmtree(missing_ok=True)
+    for partial in _partial_saves(manager):
+      _remove_partial_save(partial)
   free = _free_bytes(epath.Path(manager.directory))
   space = f"; the disk has {free / 2**20:.1f} MB free" if free is not None else ""
   latest = manager.latest_step()

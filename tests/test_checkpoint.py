@@ -2,6 +2,7 @@
 
 import errno
 import pathlib
+import threading
 import time
 
 import jax
@@ -176,6 +177,27 @@ def _fail_writes(monkeypatch):
     raise OSError(errno.ENOSPC, "No space left on device")
 
   monkeypatch.setattr(serialization, "estimate_write_memory_footprint", no_space)
+
+
+def test_a_partial_save_is_removed_even_while_its_last_writes_land(tmp_path):
+  """A failed save's thread reports its first error while other arrays are still being written."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  partial = tmp_path / "4.orbax-checkpoint-tmp"
+  stop = threading.Event()
+
+  def keep_writing():  # As tensorstore does: each write creates its directories.
+    for i in range(30):
+      (partial / "state" / "ocdbt.process_0").mkdir(parents=True, exist_ok=True)
+      (partial / "state" / "ocdbt.process_0" / f"d{i}").write_bytes(b"x" * 1024)
+      time.sleep(0.01)
+    stop.set()
+
+  writer = threading.Thread(target=keep_writing)
+  writer.start()
+  time.sleep(0.05)
+  checkpoint._remove_partial_save(epath.Path(partial))  # pylint: disable=protected-access
+  writer.join()
+  assert stop.is_set() and not partial.exists()
 
 
 def test_a_save_that_fails_in_the_background_is_reported_and_cleaned_up(tmp_path, trained, monkeypatch):
