@@ -1,10 +1,11 @@
-r"""Times the compiled train_step (or, with --data, the input pipeline; with --checkpoint, checkpoints).
+r"""Times the compiled train_step (or the input pipeline, checkpoints, exported generators).
 
     python -m experiments.benchmark --size 256 --batch 1 --steps 10
     python -m experiments.benchmark --size 256 --profile  # also op time per layer
     python -m experiments.benchmark --size 256 --floor    # also the ratio to the FLOP floor
     python -m experiments.benchmark --data --dataset ../shared/data/people2outline
     python -m experiments.benchmark --checkpoint --size 256  # save and restore, with checksums
+    python -m experiments.benchmark --export --size 256 --batch 8  # translate vs ONNX / SavedModel / StableHLO
 
 Random data, timed after compilation; the last line printed is one JSON object
 (images_per_sec, ms_per_step, compile_s, peak_rss_mib, ...). Compare it with
@@ -63,6 +64,8 @@ flags.DEFINE_bool("floor", False, "Also time a large float32 matmul and report t
 flags.DEFINE_bool("data", False, "Time the input pipeline instead of the train step.")
 flags.DEFINE_bool("checkpoint", False, "Time saving and restoring the whole state (with its checksums) "
                   "instead of the train step.")
+flags.DEFINE_bool("export", False, "Time translating a batch with experiments.translate's jitted generator "
+                  "beside the generator exported to each format, run by its own runtime (and each export).")
 flags.DEFINE_string("dataset", "synthetic", "With --data: config.dataset (a folder in the pix2pix layout).")
 FLAGS = flags.FLAGS
 
@@ -291,6 +294,44 @@ def benchmark_checkpoint() -> None:
       checksums_share_of_restore=round(median["checksums"] / median["restore"], 3)))
 
 
+def benchmark_export() -> None:
+  """ms per batch of --batch images: translate's generator, then each exported model, in alternating rounds."""
+  from p2p_jax import checkpoint, export, inference  # pylint: disable=g-import-not-at-top
+  config = config_from_flags()
+  pix2pix = recipe.Pix2Pix.from_config(config, steps_per_epoch=1000)
+  state = train.create_train_state(jax.random.key(0), pix2pix, configuration.image_shapes(config))
+  images = np.random.RandomState(0).uniform(-1, 1, (FLAGS.batch, FLAGS.size, FLAGS.size, 3)).astype(np.float32)
+  translate = jax.jit(inference.make_translate_fn(pix2pix.generator, "eval"))
+  runners = {"translate": lambda x: np.asarray(translate(state, x, jax.random.key(0), np.arange(len(x))))}
+  export_s = {}
+  checkpoint.quiet_orbax_logs()
+  with tempfile.TemporaryDirectory() as workdir:
+    manager = checkpoint.make_manager(workdir)
+    checkpoint.save(manager, state, 1, config, pix2pix)
+    manager.wait_until_finished()
+    for fmt in export.FORMATS:
+      path = os.path.join(workdir, "model" if fmt == "saved_model" else f"model.{fmt}")
+      start = time.perf_counter()
+      export.export_generator(workdir, path, fmt)
+      export_s[fmt] = round(time.perf_counter() - start, 1)
+      runners[fmt] = export.load_exported(path, fmt)
+    for run in runners.values():
+      for _ in range(FLAGS.warmup):
+        run(images)
+    times = collections.defaultdict(list)
+    for _ in range(FLAGS.steps):  # Alternating rounds: drift on a shared machine hits every runner alike.
+      for name, run in runners.items():
+        start = time.perf_counter()
+        run(images)
+        times[name].append(time.perf_counter() - start)
+  median = {name: 1000 * statistics.median(values) for name, values in times.items()}
+  _report(dict(mode="export", size=FLAGS.size, batch=FLAGS.batch, rounds=FLAGS.steps,
+               **{f"{name}_ms": round(ms, 1) for name, ms in median.items()},
+               **{f"{name}_vs_translate": round(ms / median["translate"], 3) for name, ms in median.items()
+                  if name != "translate"},
+               export_s=export_s))
+
+
 def main(argv):
   del argv
   if FLAGS.reuse_host_memory:
@@ -299,6 +340,8 @@ def main(argv):
     benchmark_data()
   elif FLAGS.checkpoint:
     benchmark_checkpoint()
+  elif FLAGS.export:
+    benchmark_export()
   else:
     benchmark_train()
 

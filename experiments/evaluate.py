@@ -12,7 +12,7 @@ import pathlib
 from absl import app, flags, logging
 
 from experiments import cli
-from p2p_jax import checkpoint, inference, train
+from p2p_jax import inference, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
@@ -27,15 +27,10 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  checkpoint.quiet_orbax_logs()
-  try:
-    results = inference.evaluate_checkpoint(FLAGS.workdir, step=FLAGS.step, split=FLAGS.split,
-                                            mode=FLAGS.mode, batch_size=FLAGS.batch_size,
-                                            data_dir=FLAGS.data_dir)
-  except cli.USER_ERRORS as error:
-    cli.exit_with(error, {"batch_size": "--batch_size", "split": "--split", "step": "--step"})
+  results = cli.run_command(
+      argv, inference.evaluate_checkpoint, {"batch_size": "--batch_size", "split": "--split", "step": "--step"},
+      FLAGS.workdir, step=FLAGS.step, split=FLAGS.split, mode=FLAGS.mode, batch_size=FLAGS.batch_size,
+      data_dir=FLAGS.data_dir)
   logging.info("Wrote %s", pathlib.Path(FLAGS.workdir) / inference.EVAL_DIR)
   print(json.dumps(results, indent=2))
 

@@ -10,7 +10,7 @@ result resized back to the input's size, saved as OUT_DIR/<name>.png.
 from absl import app, flags, logging
 
 from experiments import cli
-from p2p_jax import checkpoint, inference, train
+from p2p_jax import inference, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir (its checkpoints are used).")
@@ -26,16 +26,11 @@ flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  checkpoint.quiet_orbax_logs()
-  try:
-    written = inference.translate_paths(FLAGS.workdir, FLAGS.input, FLAGS.output, step=FLAGS.step,
-                                        mode=FLAGS.mode, batch_size=FLAGS.batch_size,
-                                        seed=FLAGS.seed)
-  except cli.USER_ERRORS as error:  # OSError: e.g. an --output that cannot be written.
-    cli.exit_with(error, {"input_path": "--input", "output_dir": "--output", "batch_size": "--batch_size",
-                          "step": "--step"})
+  written = cli.run_command(
+      argv, inference.translate_paths,
+      {"input_path": "--input", "output_dir": "--output", "batch_size": "--batch_size", "step": "--step"},
+      FLAGS.workdir, FLAGS.input, FLAGS.output, step=FLAGS.step, mode=FLAGS.mode,
+      batch_size=FLAGS.batch_size, seed=FLAGS.seed)
   logging.info("Wrote %d image(s) to %s.", len(written), FLAGS.output)
 
 

@@ -13,7 +13,10 @@ What a user needs is here, each with its own docstring:
   and host, resumable, checkpointed), with networks from a config or given.
 - ``load_state``: a run's ``TrainState``; ``translate_paths`` and
   ``evaluate_checkpoint``: what ``experiments.translate`` / ``evaluate`` do.
-- Modules: ``input_pipeline``, ``models``, ``layers``, ``losses``, ``metrics``,
+- ``load_generator``: a run's generator alone, a callable on arrays;
+  ``export_generator``: what ``experiments.export`` does (ONNX, SavedModel,
+  StableHLO).
+- Modules: ``export``, ``input_pipeline``, ``models``, ``layers``, ``losses``, ``metrics``,
   ``checkpoint`` (and its ``DamagedCheckpointError``, ``CheckpointSaveError``),
   ``locking`` (``WorkdirInUseError``), ``summaries``, ``runtime``.
 
@@ -43,9 +46,11 @@ _EXPORTS = {
     "load_state": "checkpoint",
     "translate_paths": "inference",
     "evaluate_checkpoint": "inference",
+    "load_generator": "export",
+    "export_generator": "export",
 }
 _RENAMED = {"check_config": "check"}
-_MODULES = ("checkpoint", "configuration", "images", "inference", "input_pipeline", "layers", "losses",
+_MODULES = ("checkpoint", "configuration", "export", "images", "inference", "input_pipeline", "layers", "losses",
             "locking", "metrics", "models", "progress", "recipe", "runtime", "summaries", "train", "trainer")
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 

@@ -70,3 +70,13 @@ def test_a_small_checkpoint_run_reports_save_restore_and_the_checksums_share(cap
   assert 0 < result["on_disk_mib"] and 0 < result["checksums_share_of_save"] < 1
   assert result["checksums_share_of_restore"] == pytest.approx(result["checksums_ms"] / result["restore_ms"],
                                                                rel=0.05)
+
+
+def test_a_small_export_run_times_translate_and_every_format(capsys):
+  with flagsaver.flagsaver(size=32, batch=2, steps=1, warmup=1):
+    benchmark.benchmark_export()
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["mode"] == "export" and result["translate_ms"] > 0
+  for fmt in ("onnx", "saved_model", "stablehlo"):
+    assert result[f"{fmt}_ms"] > 0 and result["export_s"][fmt] > 0
+    assert result[f"{fmt}_vs_translate"] == pytest.approx(result[f"{fmt}_ms"] / result["translate_ms"], rel=0.05)

@@ -7,9 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 from PIL import Image
 
-from p2p_jax import checkpoint
+from p2p_jax import checkpoint, export, inference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -108,6 +109,17 @@ def test_the_same_networks_named_in_a_config_train_resume_translate_and_evaluate
     assert image.size == (80, 48)
   evaluated = _python(["-m", "experiments.evaluate", f"--workdir={workdir}"], ROOT, tmp_path)
   assert '"step": 4' in evaluated.stdout and '"l1": ' in evaluated.stdout
+
+
+def test_the_onnx_snippet_translates_as_translate_does(tmp_path, finished_run):
+  _, workdir = finished_run
+  export.export_generator(workdir, tmp_path / "demo.onnx", "onnx", dtype="uint8")
+  pixels = np.random.RandomState(0).randint(0, 256, (32, 32, 3), np.uint8)
+  Image.fromarray(pixels).save(tmp_path / "input.png")
+  _python(["-c", _snippet("readme-onnx")], tmp_path, tmp_path)
+  expected, = inference.translate_paths(workdir, tmp_path / "input.png", tmp_path / "translated")
+  difference = np.abs(np.asarray(Image.open(tmp_path / "translated.png"), int) - np.asarray(Image.open(expected)))
+  assert difference.max() <= 1 and (difference == 0).mean() > 0.99
 
 
 def test_ci_runs_the_readme_test_command():
