@@ -20,6 +20,7 @@ import logging as std_logging
 import pathlib
 from typing import Any, Dict, Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -209,7 +210,12 @@ def _export_saved_model(generator: Generator, fn, output: pathlib.Path, info: Di
   module = tf.Module()
   module.serve = tf.function(serve, input_signature=signature, autograph=False)
   module.metadata = tf.Variable(json.dumps(info), trainable=False, name="metadata")
-  tf.saved_model.save(module, str(output), signatures={"serving_default": module.serve})
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
+  try:
+    tf.saved_model.save(module, str(output), signatures={"serving_default": module.serve})
+  finally:  # TensorFlow's save sets absl's logger to WARNING: the caller's INFO lines would vanish.
+    absl_logger.setLevel(level)
 
 
 def _export_stablehlo(generator: Generator, fn, output: pathlib.Path, info: Dict[str, Any]) -> None:

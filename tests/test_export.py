@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+from absl import logging
 import jax
 import numpy as np
 import onnx
@@ -64,7 +65,10 @@ def test_load_generator_translates_as_translate_does_without_the_training_state(
 def test_a_dynamic_size_export_gives_translates_numbers_at_two_sizes_and_any_batch(run, tmp_path, fmt):
   workdir, loaded = run
   path = _output(tmp_path, fmt)
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level
   info = export.export_generator(workdir, path, fmt)
+  assert absl_logger.level == level, "the export leaves the caller's logging as it was"
   assert info["height"] is None and info["size_multiple"] == 32 and info["layout"] == "NHWC"
   for size, batch in zip(SIZES, (3, 1)):
     np.testing.assert_allclose(RUNTIMES[fmt](path, _inputs(size, batch)), _translated(loaded, _inputs(size, batch)),
