@@ -55,14 +55,15 @@ class _StopRequest:
 
   def __init__(self):
     self.signal_name: Optional[str] = None
+    self._announced = False
 
   def __call__(self, signum, frame):
+    # No output here: a signal that lands while a log line is being written
+    # would write over it. The loop says it, in agreed().
     del frame
     if self.signal_name is not None:
       raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name})")
     self.signal_name = signal.Signals(signum).name
-    logging.warning("Got %s: stopping after the current step, with a checkpoint of it (send it "
-                    "again to stop at once, without saving).", self.signal_name)
 
   @contextlib.contextmanager
   def installed(self):
@@ -78,6 +79,10 @@ class _StopRequest:
 
   def agreed(self, at_sync_point: bool) -> bool:
     """Whether to stop now; with several processes all decide together at sync points."""
+    if self.signal_name is not None and not self._announced:
+      self._announced = True
+      logging.warning("Got %s: stopping after the current step, with a checkpoint of it (send it "
+                      "again to stop at once, without saving).", self.signal_name)
     if jax.process_count() == 1:
       return self.signal_name is not None
     if not at_sync_point:

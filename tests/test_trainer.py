@@ -322,3 +322,15 @@ def test_total_steps_counts_epochs_unless_num_train_steps_is_set():
   assert recipe.total_steps(config, 64) == 200 * 64
   config.num_train_steps = 7
   assert recipe.total_steps(config, 64) == 7
+
+
+def test_a_signal_is_announced_by_the_loop_not_inside_its_handler(caplog):
+  """A signal that lands while a log line is being written must not write over that line."""
+  stop = trainer._StopRequest()  # pylint: disable=protected-access
+  with caplog.at_level("WARNING"):
+    stop(signal.SIGTERM, None)
+    assert not caplog.records, "nothing written from the handler"
+    assert stop.agreed(at_sync_point=False) and stop.agreed(at_sync_point=True)
+  assert [r.getMessage() for r in caplog.records] == [
+      "Got SIGTERM: stopping after the current step, with a checkpoint of it (send it again to stop at "
+      "once, without saving)."]
