@@ -98,27 +98,29 @@ def _pick(table, backend_default: str, side: int) -> str:
   return backend_default
 
 
-def conv_matmul(x, kernel, stride: int, padding: int):
+def conv_matmul(x, kernel, stride: int, padding):
   """A convolution as one matmul, on whichever side of it the patch matrix is smaller.
 
-  Input side (im2col): the k*k strided slices of the input side by side, times
-  the ``(k*k*in, out)`` kernel. Output side: every input pixel times the
-  ``(in, k*k*out)`` kernel, then each output sums its k*k taps: far less
-  memory when ``out`` is small, as in the PatchGAN's 1-channel last layer.
-  On XLA:CPU, using it for inputs of 32 px or less (the U-Net's inner layers,
-  the PatchGAN's last two) makes the whole step faster than either
-  formulation everywhere (BENCHMARKS.md).
+  Input side (im2col): the kh*kw strided slices of the input side by side,
+  times the ``(kh*kw*in, out)`` kernel. Output side: every input pixel times
+  the ``(in, kh*kw*out)`` kernel, then each output sums its kh*kw taps: far
+  less memory when ``out`` is small, as in the PatchGAN's 1-channel last
+  layer. On XLA:CPU, using it for inputs of 32 px or less (the U-Net's inner
+  layers, the PatchGAN's last two) makes the whole step faster than either
+  formulation everywhere (BENCHMARKS.md). ``padding`` is one int, or
+  ``(rows, columns)``.
   """
-  k, cin, cout = kernel.shape[0], kernel.shape[2], kernel.shape[3]
-  x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  kh, kw, cin, cout = kernel.shape
+  ph, pw = (padding, padding) if isinstance(padding, int) else padding
+  x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   n, height, width, _ = x.shape
-  out_h, out_w = (height - k) // stride + 1, (width - k) // stride + 1
+  out_h, out_w = (height - kh) // stride + 1, (width - kw) // stride + 1
   window = lambda t, i, j: t[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
   if out_h * out_w * cin <= height * width * cout:
-    columns = [window(x, i, j) for i in range(k) for j in range(k)]
-    return jnp.dot(jnp.concatenate(columns, axis=-1), kernel.reshape(k * k * cin, cout))
-  taps = jnp.dot(x, kernel.transpose(2, 0, 1, 3).reshape(cin, k * k * cout)).reshape(n, height, width, k, k, cout)
-  return sum(window(taps[..., i, j, :], i, j) for i in range(k) for j in range(k))
+    columns = [window(x, i, j) for i in range(kh) for j in range(kw)]
+    return jnp.dot(jnp.concatenate(columns, axis=-1), kernel.reshape(kh * kw * cin, cout))
+  taps = jnp.dot(x, kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)).reshape(n, height, width, kh, kw, cout)
+  return sum(window(taps[..., i, j, :], i, j) for i in range(kh) for j in range(kw))
 
 
 CONV_IMPLS = ("auto", "xla", "matmul")
