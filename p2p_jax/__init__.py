@@ -11,12 +11,14 @@ What a user needs is here, each with its own docstring:
   bad value before anything runs.
 - ``train_and_evaluate``: the training loop (data-parallel over every device
   and host, resumable, checkpointed), with networks from a config or given.
-- ``load_state``: a run's ``TrainState``; ``translate_paths`` and
-  ``evaluate_checkpoint``: what ``experiments.translate`` / ``evaluate`` do.
+- ``load_state``: a run's ``TrainState``; ``translate_paths``,
+  ``evaluate_checkpoint`` and ``evaluate_checkpoints``: what
+  ``experiments.translate`` / ``evaluate`` do.
 - ``load_generator``: a run's generator alone, a callable on arrays;
   ``export_generator``: what ``experiments.export`` does (ONNX, SavedModel,
   StableHLO).
 - Modules: ``export``, ``input_pipeline``, ``models``, ``layers``, ``losses``, ``metrics``,
+  ``perceptual`` (FID, KID, LPIPS over a split; networks in ``fid`` and ``lpips``),
   ``checkpoint`` (and its ``DamagedCheckpointError``, ``CheckpointSaveError``),
   ``locking`` (``WorkdirInUseError``), ``summaries``, ``runtime``.
 
@@ -46,12 +48,14 @@ _EXPORTS = {
     "load_state": "checkpoint",
     "translate_paths": "inference",
     "evaluate_checkpoint": "inference",
+    "evaluate_checkpoints": "inference",
     "load_generator": "export",
     "export_generator": "export",
 }
 _RENAMED = {"check_config": "check"}
-_MODULES = ("checkpoint", "configuration", "export", "images", "inference", "input_pipeline", "layers", "losses",
-            "locking", "metrics", "models", "progress", "recipe", "runtime", "summaries", "train", "trainer")
+_MODULES = ("checkpoint", "configuration", "export", "fid", "images", "inference", "input_pipeline", "layers",
+            "losses", "locking", "lpips", "metrics", "models", "perceptual", "progress", "recipe", "runtime",
+            "summaries", "torch_files", "train", "trainer")
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 
 

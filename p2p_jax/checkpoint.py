@@ -295,11 +295,21 @@ def check_saved(manager: ocp.CheckpointManager, step: int, wait: bool = False) -
     raise _save_failed(manager, step, error, outside) from None
 
 
-def _checked_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
-  steps = manager.all_steps()
+def _kept_steps(manager: ocp.CheckpointManager) -> List[int]:
+  steps = sorted(manager.all_steps())
   if not steps:
     raise FileNotFoundError(f"No checkpoint in {manager.directory}: train with "
                             "`python -m experiments.train --workdir ...` first.")
+  return steps
+
+
+def checkpoint_steps(workdir) -> List[int]:
+  """The steps of the checkpoints kept in ``workdir``, oldest first; FileNotFoundError if none."""
+  return _kept_steps(make_manager(workdir, create=False))
+
+
+def _checked_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
+  steps = _kept_steps(manager)
   if step is None:
     return max(steps)
   if step not in steps:

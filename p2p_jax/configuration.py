@@ -27,7 +27,7 @@ POSITIVE_INTS = ("batch_size", "load_size", "crop_size", "log_every_steps", "che
 # the state's layout nor the training trajectory up to the resumed step.
 RESUMABLE_KEYS = frozenset({
     "data_dir", "verify_checksums", "cache", "skip_bad_files", "eval_split", "num_epochs", "num_train_steps",
-    "log_every_steps", "checkpoint_every_steps", "sample_every_steps", "keep_checkpoints",
+    "log_every_steps", "checkpoint_every_steps", "sample_every_steps", "eval_every_steps", "keep_checkpoints",
     "num_sample_images", "model.conv_impl", "model.upconv_impl",
 })
 # How configs saved by older versions map onto today's keys.
@@ -111,6 +111,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.sample_every_steps = 1000
+  # 0: off. N: every N steps (and at the end) the eval split's L1, PSNR, SSIM,
+  # and FID, KID and LPIPS where their weights are installed, to TensorBoard
+  # as eval/<metric>. Single-process runs only.
+  config.eval_every_steps = 0
   config.keep_checkpoints = 3
   config.num_sample_images = 4
   return config
@@ -233,6 +237,15 @@ def image_shapes(config: ml_collections.ConfigDict) -> Dict[str, jax.ShapeDtypeS
   return {name: jax.ShapeDtypeStruct((size, size, 3), "float32") for name in ("A", "B")}
 
 
+def _check_eval_every_steps(every: int, num_processes: int) -> None:
+  if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+    raise ValueError(f"config.eval_every_steps={every!r}: must be 0 (off) or a positive number of steps.")
+  if every and num_processes > 1:
+    raise ValueError(f"config.eval_every_steps={every}: evaluation during training runs in one process, "
+                     f"not {num_processes}; set it to 0 and evaluate the checkpoints with "
+                     "`python -m experiments.evaluate --all_checkpoints`.")
+
+
 def check(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_processes: int = 1,
           pix2pix: Optional[recipe.Pix2Pix] = None) -> recipe.Pix2Pix:
   """Raises a ValueError naming the first key (and value) a run of ``config`` cannot use.
@@ -246,6 +259,7 @@ def check(config: ml_collections.ConfigDict, *, num_devices: int = 1, num_proces
   """
   _check_values(config)
   check_batch_size(config.batch_size, num_devices, num_processes)
+  _check_eval_every_steps(config.eval_every_steps, num_processes)
   if pix2pix is not None:  # A NetworkError names the network given.
     jax.eval_shape(lambda key: train.create_train_state(key, pix2pix, image_shapes(config)), jax.random.key(0))
     return pix2pix

@@ -9,6 +9,7 @@ loop's sample sheets use the former); ``translate_paths`` and
 
 import json
 import pathlib
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
@@ -16,10 +17,13 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+import tensorflow as tf
+import tqdm
 
-from p2p_jax import checkpoint, images, input_pipeline, metrics, recipe, summaries, train
+from p2p_jax import checkpoint, images, input_pipeline, metrics, perceptual, recipe, summaries, train
 
 EVAL_DIR = "eval"
+REAL_FEATURES_DIR = "real_features"  # In EVAL_DIR: each split's real Inception features, by what they depend on.
 _MAX_NAMED = 5
 
 
@@ -43,28 +47,57 @@ def make_translate_fn(generator, mode: str):
   return translate
 
 
+def result_names(filenames: List[str]) -> List[str]:
+  """The names per-image results are written under: the files' stems, numbered where two clash."""
+  stems = [pathlib.PurePath(f).stem for f in filenames]
+  if len(set(stems)) == len(stems):
+    return stems
+  return [f"{i:05d}_{stem}" for i, stem in enumerate(stems)]
+
+
 def evaluate(state: train.TrainState, generator, config: ml_collections.ConfigDict, *,
              split: Optional[str] = None, mode: str = "eval", batch_size: Optional[int] = None,
-             seed: int = 0) -> Tuple[Dict[str, float], np.ndarray]:
-  """Mean L1, PSNR and SSIM over a split, and a sample sheet of its first images.
+             seed: int = 0, scorer: Optional[perceptual.Scorer] = None, results_dir=None,
+             source: Optional[input_pipeline.PairSource] = None) -> Tuple[Dict[str, float], np.ndarray]:
+  """Mean L1, PSNR and SSIM over a split (and FID, KID, LPIPS with ``scorer``), and a sample sheet.
 
   Single-process; ``seed`` draws the dropout masks in ``"paper"`` mode.
+  ``results_dir``: where to write every image's ``real_A``, ``fake_B`` and
+  ``real_B`` with an index.html (``summaries.write_result_images``).
+  ``source``, if given, is the split, opened already (its files checked).
   """
   translate = jax.jit(make_translate_fn(generator, mode))
-  dataset = input_pipeline.make_eval_dataset(config, batch_size=batch_size, split=split)
+  if source is None:
+    source = (input_pipeline.pair_source(config, split) if split else
+              input_pipeline.pair_source(config, config.eval_split, named_by="config.eval_split"))
+  names = result_names(source.filenames)
+  dataset = input_pipeline.make_eval_dataset(config, batch_size=batch_size, source=source)
   totals, count, sheet_parts = {}, 0, []
-  for batch in dataset.as_numpy_iterator():
-    generated = translate(state, batch["A"], jax.random.key(seed), count + np.arange(len(batch["A"])))
-    for name, values in jax.device_get(metrics.image_metrics(generated, batch["B"])).items():
-      totals[name] = totals.get(name, 0.0) + float(np.sum(values))
-    count += len(batch["A"])
-    if sum(len(p[0]) for p in sheet_parts) < config.num_sample_images:
-      sheet_parts.append((batch["A"], np.asarray(generated), batch["B"]))
+  computed = ", ".join(["l1", "psnr", "ssim", *(scorer.available if scorer else [])])
+  with tqdm.tqdm(total=source.num_examples, desc=f"Evaluating ({computed})", unit="image",
+                 disable=not sys.stderr.isatty(), leave=False) as bar:
+    for batch in dataset.as_numpy_iterator():
+      n = len(batch["A"])
+      generated = np.asarray(translate(state, batch["A"], jax.random.key(seed), count + np.arange(n)))
+      for name, values in jax.device_get(metrics.image_metrics(generated, batch["B"])).items():
+        totals[name] = totals.get(name, 0.0) + float(np.sum(values))
+      if scorer is not None:
+        scorer.add(generated, batch["B"])
+      if results_dir is not None:
+        summaries.write_result_images(results_dir, names[count:count + n], batch["A"], generated, batch["B"])
+      count += n
+      bar.update(n)
+      if sum(len(p[0]) for p in sheet_parts) < config.num_sample_images:
+        sheet_parts.append((batch["A"], generated, batch["B"]))
   if not count:
     raise ValueError(f"The eval split {split or config.eval_split!r} of {config.dataset!r} is empty.")
   columns = [np.concatenate(c)[:config.num_sample_images] for c in zip(*sheet_parts)]
   means = {name: total / count for name, total in totals.items()}
+  if scorer is not None:
+    means.update(scorer.results())
   means["num_images"] = count
+  if results_dir is not None:
+    summaries.write_results_index(results_dir, names)
   return means, summaries.sample_sheet(*columns)
 
 
@@ -149,12 +182,19 @@ def translate_paths(workdir, input_path, output_dir, *, step: Optional[int] = No
 
 def evaluate_checkpoint(workdir, *, step: Optional[int] = None, split: Optional[str] = None,
                         mode: str = "eval", batch_size: int = 8, data_dir: Optional[str] = None,
-                        pix2pix: Optional[recipe.Pix2Pix] = None) -> Dict[str, Any]:
+                        pix2pix: Optional[recipe.Pix2Pix] = None,
+                        scorer: Optional[perceptual.Scorer] = None) -> Dict[str, Any]:
   """Evaluates a checkpoint of ``workdir`` on a split and writes the results; returns them.
 
+  L1, PSNR, SSIM, and FID, KID and LPIPS where their weights are installed
+  (``scorer``: one made already, e.g. holding the split's real features).
   Writes ``<workdir>/eval/<split>_<mode>_step<N>.json``, TensorBoard scalars
-  and the sample sheet in ``<workdir>/eval``, and the sheet as a PNG (with an
-  index.html) in ``<workdir>/eval/<split>_<mode>/``. ``workdir`` may be a URL
+  and the sample sheet in ``<workdir>/eval``, the sheet as a PNG (with an
+  index.html) in ``<workdir>/eval/<split>_<mode>/``, and every image's
+  ``real_A``/``fake_B``/``real_B`` (with an index.html) in
+  ``<workdir>/eval/<split>_<mode>_step<N>/``. The split's real Inception
+  features are kept in ``<workdir>/eval/real_features/``, under a hash of its
+  files' bytes, for the next checkpoint. ``workdir`` may be a URL
   (``gs://...``), as in training.
   """
   _check_batch_size(batch_size)
@@ -162,18 +202,75 @@ def evaluate_checkpoint(workdir, *, step: Optional[int] = None, split: Optional[
   config = run.config
   if data_dir is not None:
     config.data_dir = data_dir
+  if scorer is None:
+    weights = perceptual.load_weights()
+    perceptual.warn_missing(weights)
+    scorer = perceptual.Scorer(weights)
+  source = (input_pipeline.pair_source(config, split) if split else
+            input_pipeline.pair_source(config, config.eval_split, named_by="config.eval_split"))
   step, split = int(run.state.step), split or config.eval_split
-  means, sheet = evaluate(run.state, run.pix2pix.generator, config, split=split, mode=mode,
-                          batch_size=batch_size)
-  results = {"step": step, "split": split, "mode": mode, "dataset": config.dataset, **means}
-
   out = checkpoint.workdir_path(workdir) / EVAL_DIR
   out.mkdir(parents=True, exist_ok=True)
-  (out / f"{split}_{mode}_step{step}.json").write_text(json.dumps(results, indent=2) + "\n")
+  cache = None
+  if scorer.weights.inception is not None:
+    cache = out / REAL_FEATURES_DIR / f"{_real_features_key(source, config)}.npy"
+    if scorer.needs_real_features and cache.exists():
+      with cache.open("rb") as file:
+        scorer = scorer.with_real_features(np.load(file))
+      logging.info("The real images' Inception features: from %s.", cache)
+  name = f"{split}_{mode}_step{step}"
+  means, sheet = evaluate(run.state, run.pix2pix.generator, config, split=split, mode=mode,
+                          batch_size=batch_size, scorer=scorer, results_dir=out / name, source=source)
+  if cache is not None and not cache.exists():
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with cache.open("wb") as file:
+      np.save(file, scorer.real_features())
+  results = {"step": step, "split": split, "mode": mode, "dataset": config.dataset, **means}
+  if scorer.weights.missing:
+    results["missing_metrics"] = scorer.weights.missing
+
+  (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
   summaries.write_samples(out / f"{split}_{mode}", step, sheet)
   writer = summaries.create_writer(out)
-  writer.write_scalars(step, {f"{split}_{mode}/{name}": means[name]
-                              for name in ("l1", "psnr", "ssim")})
+  writer.write_scalars(step, {f"{split}_{mode}/{key}": means[key]
+                              for key in ("l1", "psnr", "ssim", *perceptual.METRICS) if key in means})
   writer.write_images(step, {f"{split}_{mode}/samples": sheet[None]})
   writer.close()
   return results
+
+
+def _real_features_key(source: input_pipeline.PairSource, config: ml_collections.ConfigDict) -> str:
+  """The split's files read as bytes (cheap next to the features): a changed file is a new key."""
+  encoded = (b"".join(t.numpy() for t in source.read(tf.constant(i))) for i in range(source.num_examples))
+  return perceptual.real_features_key(encoded, config.crop_size, config.direction)
+
+
+def evaluate_checkpoints(workdir, *, split: Optional[str] = None, mode: str = "eval", batch_size: int = 8,
+                         data_dir: Optional[str] = None,
+                         pix2pix: Optional[recipe.Pix2Pix] = None) -> Dict[str, Any]:
+  """Evaluates every kept checkpoint and names the best by FID; returns and writes the summary.
+
+  The split's real features are computed once (then read from the cache
+  ``evaluate_checkpoint`` keeps). Writes each checkpoint's
+  results as ``evaluate_checkpoint`` does, and
+  ``<workdir>/eval/<split>_<mode>_all.json``: every step's results and
+  ``best_step``, the lowest FID.
+  """
+  _check_batch_size(batch_size)
+  weights = perceptual.load_weights()
+  if weights.inception is None:
+    raise ValueError(f"all_checkpoints=True names the best checkpoint by FID: {weights.missing[0]}.")
+  perceptual.warn_missing(weights)
+  steps = checkpoint.checkpoint_steps(workdir)
+  per_step = []
+  for index, step in enumerate(steps):  # After the first, the real features come from the workdir's cache.
+    logging.info("Checkpoint %d of %d: step %d.", index + 1, len(steps), step)
+    per_step.append(evaluate_checkpoint(workdir, step=step, split=split, mode=mode, batch_size=batch_size,
+                                        data_dir=data_dir, pix2pix=pix2pix, scorer=perceptual.Scorer(weights)))
+  best = min(per_step, key=lambda r: r["fid"])
+  summary = {"best_step": best["step"], "best_fid": best["fid"], "split": best["split"], "mode": mode,
+             "checkpoints": per_step}
+  out = checkpoint.workdir_path(workdir) / EVAL_DIR
+  (out / f"{best['split']}_{mode}_all.json").write_text(json.dumps(summary, indent=2) + "\n")
+  logging.info("Best checkpoint by FID: step %d (FID %.3f).", best["step"], best["fid"])
+  return summary

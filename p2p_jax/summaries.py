@@ -20,7 +20,8 @@ SHEET_COLUMNS = ("input", "generated", "target", "|error|")
 _SHEET_NAME = re.compile(r"step_(\d+)\.png")
 
 
-def _to_uint8(images) -> np.ndarray:
+def to_uint8(images) -> np.ndarray:
+  """Images in [-1, 1] as 8-bit pixels, rounded to the nearest level (as translate writes them)."""
   return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
 
 
@@ -32,7 +33,7 @@ def sample_sheet(inputs, generated, targets) -> np.ndarray:
   error = np.abs(generated - targets).mean(-1, keepdims=True) - 1.0  # [0, 2] -> [-1, 1]
   columns = [inputs, generated, targets, np.repeat(error, 3, axis=-1)]
   rows = np.concatenate(columns, axis=2)  # N, H, 4W, 3
-  return _to_uint8(rows.reshape(-1, *rows.shape[2:]))
+  return to_uint8(rows.reshape(-1, *rows.shape[2:]))
 
 
 def sheet_path(directory, step: int) -> epath.Path:
@@ -77,6 +78,44 @@ def write_samples(directory, step: int, sheet: np.ndarray) -> epath.Path:
   except OSError as error:  # PIL's error names no file.
     raise OSError(error.errno, f"Cannot write the sample sheet {path}: {error.strerror or error}") from None
   return path
+
+
+RESULT_KINDS = ("real_A", "fake_B", "real_B")
+
+
+def write_result_images(directory, names, real_a, fake_b, real_b) -> None:
+  """Per-image results as the reference's test.py writes them: ``directory/images/<name>_<kind>.png``.
+
+  ``names`` are the images' file stems; the arrays NHWC in [-1, 1].
+  """
+  images_dir = epath.Path(directory) / "images"
+  images_dir.mkdir(parents=True, exist_ok=True)
+  for name, *arrays in zip(names, real_a, fake_b, real_b):
+    for kind, array in zip(RESULT_KINDS, arrays):
+      pixels = to_uint8(array)
+      with (images_dir / f"{name}_{kind}.png").open("wb") as file:
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(file, format="PNG")
+
+
+def write_results_index(directory, names) -> epath.Path:
+  """``directory/index.html``: one row per image, its ``real_A | fake_B | real_B``."""
+  directory = epath.Path(directory)
+  rows = "\n".join(
+      f"<tr><td>{html.escape(name)}</td>" + "".join(
+          f'<td><img src="images/{html.escape(name)}_{kind}.png" alt="{kind}"></td>' for kind in RESULT_KINDS)
+      + "</tr>" for name in names)
+  title = f"p2p_jax results: {html.escape(directory.name)}"
+  index = directory / "index.html"
+  index.write_text(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif}} img{{image-rendering:pixelated;width:256px}}</style>
+</head><body>
+<h1>{title}</h1>
+<table><tr><th>name</th>{''.join(f'<th>{kind}</th>' for kind in RESULT_KINDS)}</tr>
+{rows}
+</table></body></html>
+""")
+  return index
 
 
 def create_writer(logdir) -> metric_writers.MetricWriter:

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from p2p_jax import (checkpoint, configuration, inference, input_pipeline, locking, parallel, progress,
-                     recipe, summaries, train)
+from p2p_jax import (checkpoint, configuration, inference, input_pipeline, locking, parallel, perceptual,
+                     progress, recipe, summaries, train)
 
 
 class NonFiniteError(FloatingPointError):
@@ -225,6 +225,21 @@ def _train(config, workdir, pix2pix, stop: _StopRequest, mesh) -> train.TrainSta
       summaries.write_samples(workdir / summaries.SAMPLES_DIR, step, sheet)
     writer.write_images(step, {"samples": sheet[None]})
 
+  scorer = None
+  if config.eval_every_steps:
+    weights = perceptual.load_weights()
+    perceptual.warn_missing(weights)
+    scorer = perceptual.Scorer(weights)
+
+  def evaluate(state, step):
+    nonlocal scorer
+    means, _ = inference.evaluate(state, pix2pix.generator, config, scorer=scorer, source=eval_source)
+    scorer = scorer.fresh()  # The eval split's real features are computed once per run.
+    scalars = {f"eval/{name}": value for name, value in means.items() if name != "num_images"}
+    writer.write_scalars(step, scalars)
+    logging.info("Evaluated step %d on %d images of %r: %s", step, means["num_images"], config.eval_split,
+                 ", ".join(f"{name}={value:.4g}" for name, value in sorted(scalars.items())))
+
   def save(state, step, log, previous):
     log.flush(step, checkpoints)
     if previous is not None:  # Its write must have succeeded (the new save would wait for it anyway).
@@ -256,6 +271,8 @@ def _train(config, workdir, pix2pix, stop: _StopRequest, mesh) -> train.TrainSta
           log.flush(step, checkpoints)
         if step % config.sample_every_steps == 0 or step == num_steps:
           write_samples(state, step)
+        if config.eval_every_steps and (step % config.eval_every_steps == 0 or step == num_steps):
+          evaluate(state, step)
         if step % config.checkpoint_every_steps == 0 or step == num_steps or stopping:
           saved = save(state, step, log, saved)
         if stopping:

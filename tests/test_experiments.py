@@ -91,6 +91,7 @@ def failed_commands(finished_run, tmp_path_factory):
                             "--output", tmp / "out"),
       "evaluate": _command("evaluate", "--workdir", workdir, "--step", 3),
       "split": _command("evaluate", "--workdir", workdir, "--split", "nosuchsplit"),
+      "all_and_step": _command("evaluate", "--workdir", workdir, "--all_checkpoints", "--step", 4),
       "gan_mode": _train_command(config, tmp / "wgan", "--config.loss.gan_mode=wgan"),
       "damaged_translate": _command("translate", "--workdir", damaged["truncated"], "--input",
                                     tmp / "photo.png", "--output", tmp / "out"),
@@ -150,6 +151,11 @@ def test_evaluate_names_a_missing_split_by_its_flag_and_lists_the_splits(failed_
   stderr = _error_line(failed_commands, "split")
   assert ("error: --split='nosuchsplit': no images for this split of dataset " in stderr
           and "the splits there are ['test', 'train']." in stderr)
+
+
+def test_evaluate_refuses_all_checkpoints_with_a_step(failed_commands):
+  stderr = _error_line(failed_commands, "all_and_step")
+  assert "error: --all_checkpoints evaluates every checkpoint: leave out --step." in stderr
 
 
 def test_train_refuses_an_unknown_gan_mode_before_writing_anything(failed_commands):

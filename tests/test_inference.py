@@ -2,13 +2,14 @@
 
 import json
 import re
+import shutil
 
 import jax
 import numpy as np
 from PIL import Image
 import pytest
 
-from p2p_jax import configuration, images, inference, train
+from p2p_jax import configuration, fid, images, inference, lpips, perceptual, train
 from p2p_jax.datasets import synthetic
 from tests.conftest import tensorboard_events, tiny_config, tiny_pix2pix
 
@@ -137,6 +138,82 @@ def test_evaluate_writes_json_tensorboard_and_a_sheet(finished_run, evaluated):
   for name in ("l1", "psnr", "ssim"):
     assert events[f"test_eval/{name}"][5] == pytest.approx(results[name])
   assert 5 in events["test_eval/samples"]
+
+
+def _read_folder(folder, kind):
+  return np.stack([_pixels(p) for p in sorted(folder.glob(f"*_{kind}.png"))])
+
+
+def test_evaluate_reports_fid_kid_lpips_and_writes_every_image(finished_run, evaluated):
+  config, workdir = finished_run
+  results = evaluated[None]
+  assert all(np.isfinite(results[key]) for key in ("fid", "kid", "kid_std", "lpips"))
+  assert results["fid"] > 0 and 0 < results["lpips"] < 1 and "missing_metrics" not in results
+  folder = workdir / inference.EVAL_DIR / "test_eval_step5"
+  fake, real = _read_folder(folder / "images", "fake_B"), _read_folder(folder / "images", "real_B")
+  assert len(_read_folder(folder / "images", "real_A")) == len(fake) == len(real) == results["num_images"]
+  assert fake.shape[1:] == (config.crop_size, config.crop_size, 3)
+  # The JSON's FID is the FID of the written folders: what an external tool reads.
+  params = fid.load_params()
+  assert fid.fid(np.asarray(fid.features(params, fake)), np.asarray(fid.features(params, real))) == pytest.approx(
+      results["fid"], rel=1e-4)
+  index = (folder / "index.html").read_text()
+  assert index.count("<tr><td>") == results["num_images"] and "images/0000_fake_B.png" in index
+  events = tensorboard_events(workdir / inference.EVAL_DIR)
+  for name in ("fid", "kid", "lpips"):
+    assert events[f"test_eval/{name}"][5] == pytest.approx(results[name])
+
+
+def test_the_real_features_key_changes_with_any_file_the_size_or_the_direction():
+  files = [b"first image", b"second image"]
+  key = perceptual.real_features_key(files, 256, "AtoB")
+  assert key == perceptual.real_features_key(list(files), 256, "AtoB")
+  assert len({key, perceptual.real_features_key([b"first image", b"second imagE"], 256, "AtoB"),
+              perceptual.real_features_key(files[::-1], 256, "AtoB"),
+              perceptual.real_features_key(files, 128, "AtoB"),
+              perceptual.real_features_key(files, 256, "BtoA")}) == 5
+
+
+def _copy_of(workdir, tmp_path):
+  """A copy to evaluate again, so the shared run's results stay those of the fixture."""
+  return shutil.copytree(workdir, tmp_path / "run")
+
+
+def test_without_the_weights_evaluate_says_what_to_install_and_reports_the_rest(finished_run, monkeypatch,
+                                                                                caplog, tmp_path):
+  workdir = _copy_of(finished_run[1], tmp_path)
+  monkeypatch.setenv(fid.WEIGHTS_ENV, "/nonexistent/default_1.pt")
+  monkeypatch.setattr(lpips.importlib.util, "find_spec", lambda name: None)
+  results = inference.evaluate_checkpoint(workdir, step=4, split="test")
+  assert not set(perceptual.METRICS) & set(results)
+  assert np.isfinite(results["psnr"]) and len(results["missing_metrics"]) == 2
+  assert "pip install 'p2p_jax[metrics]'" in results["missing_metrics"][1]
+  assert f"{fid.WEIGHTS_ENV}=/nonexistent/default_1.pt: no such file" in results["missing_metrics"][0]
+  assert "reporting the other metrics" in caplog.text
+  with pytest.raises(ValueError, match=r"all_checkpoints=True names the best checkpoint by FID: P2P_JAX"):
+    inference.evaluate_checkpoints(workdir)
+
+
+def test_all_checkpoints_names_the_best_by_fid_computing_the_real_features_once(finished_run, evaluated,
+                                                                              monkeypatch, tmp_path):
+  workdir = _copy_of(finished_run[1], tmp_path)
+  shutil.rmtree(workdir / inference.EVAL_DIR / inference.REAL_FEATURES_DIR)
+  calls = []
+  features = fid.features
+  monkeypatch.setattr(fid, "features", lambda *args: calls.append(1) or features(*args))
+  summary = inference.evaluate_checkpoints(workdir, batch_size=16)
+  steps = [r["step"] for r in summary["checkpoints"]]
+  assert steps == [4, 5]
+  fids = {r["step"]: r["fid"] for r in summary["checkpoints"]}
+  assert summary["best_step"] == min(fids, key=fids.get) and summary["best_fid"] == min(fids.values())
+  assert fids[5] == pytest.approx(evaluated[None]["fid"], rel=1e-6)  # The batch size changes nothing.
+  assert len(calls) == 2 * 2 + 2  # 32 images in batches of 16: fake and real, then fake only.
+  # Another process later: the real features come from the cache in the workdir.
+  calls.clear()
+  again = inference.evaluate_checkpoints(workdir, batch_size=16)
+  assert len(calls) == 2 + 2 and again["best_fid"] == pytest.approx(summary["best_fid"], rel=1e-9)
+  written = json.loads((workdir / inference.EVAL_DIR / "test_eval_all.json").read_text())
+  assert written == summary
 
 
 def test_evaluate_an_older_checkpoint(finished_run, evaluated):

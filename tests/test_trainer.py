@@ -206,6 +206,7 @@ def test_an_incompatible_config_is_refused_and_the_checkpoints_untouched(tmp_pat
     (dict(num_train_steps=-1, num_epochs=0),
      r"config.num_epochs=0 with config.num_train_steps=-1: set one of them to a positive number"),
     (dict(direction="up"), r"config.direction must be one of \('AtoB', 'BtoA'\), got 'up'"),
+    (dict(eval_every_steps=-2), r"config.eval_every_steps=-2: must be 0 \(off\) or a positive number"),
     ({"loss.gan_mode": "wgan"}, r"config.loss.gan_mode='wgan' is none of \('vanilla', 'lsgan', 'hinge', "
                                 r"'wgangp'\) and no import path"),
 ])
@@ -216,6 +217,23 @@ def test_a_bad_config_is_named_before_anything_is_written(tmp_path, synthetic_di
   with pytest.raises(ValueError, match=message):
     trainer.train_and_evaluate(config, tmp_path / "run")
   assert not any(tmp_path.iterdir())
+
+
+def test_eval_every_steps_writes_the_eval_metrics_to_tensorboard(tmp_path, synthetic_dir):
+  config = run_config(synthetic_dir, num_train_steps=3, eval_every_steps=2, checkpoint_every_steps=10)
+  trainer.train_and_evaluate(config, tmp_path / "run")
+  events = tensorboard_events(tmp_path / "run")
+  for name in ("l1", "psnr", "ssim", "fid", "kid", "lpips"):
+    assert sorted(events[f"eval/{name}"]) == [2, 3]  # Every 2 steps and at the end.
+    assert all(np.isfinite(list(events[f"eval/{name}"].values())))
+  assert events["eval/fid"][2] != events["eval/fid"][3]
+
+
+def test_eval_every_steps_is_refused_across_processes():
+  config = run_config("unused", eval_every_steps=5)
+  with pytest.raises(ValueError, match=r"config.eval_every_steps=5: evaluation during training runs in one "
+                                       r"process, not 2; .*--all_checkpoints"):
+    configuration.check(config, num_devices=4, num_processes=2)
 
 
 def test_an_eval_split_of_single_images_is_named_before_the_train_split_is_read(tmp_path, monkeypatch):
