@@ -130,8 +130,7 @@ def _to_model_input(image: Image.Image, size: int) -> np.ndarray:
 
 
 def _to_image(array: np.ndarray, size) -> Image.Image:
-  pixels = np.round((np.clip(array, -1, 1) + 1) * 127.5).astype(np.uint8)
-  return Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC)
+  return Image.fromarray(summaries.to_uint8(array)).resize(size, Image.Resampling.BICUBIC)
 
 
 def _check_batch_size(batch_size: int) -> None:
