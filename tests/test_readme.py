@@ -1,8 +1,11 @@
 """The README's code runs as written, and CI runs the README's test command."""
 
+import json
 import os
 import pathlib
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -126,3 +129,14 @@ def test_ci_runs_the_readme_test_command():
   commands = re.findall(r"```bash\n(pip install[^\n]*)\n```", README)
   assert len(commands) == 2, "two set-up commands: the main job and the tests"
   assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_evaluate_commands_run_as_written_and_report_the_fields_metrics(finished_run, tmp_path):
+  """The README's evaluate lines, on a copy of a finished run at runs/demo: FID, KID, LPIPS in the JSON."""
+  shutil.copytree(finished_run[1], tmp_path / "runs" / "demo")
+  lines = re.findall(r"^python -m experiments\.evaluate --workdir runs/demo(?: --all_checkpoints)?$", README, re.M)
+  assert len(lines) == 2
+  plain, every = (json.loads(_python(shlex.split(line)[1:], tmp_path, tmp_path).stdout) for line in lines)
+  assert all(np.isfinite(plain[key]) for key in ("fid", "kid", "lpips", "l1", "psnr", "ssim"))
+  assert (tmp_path / "runs" / "demo" / "eval" / f"test_eval_step{plain['step']}" / "index.html").is_file()
+  assert every["best_step"] in {r["step"] for r in every["checkpoints"]}
