@@ -3,8 +3,13 @@ r"""Translates images with a trained generator.
   python -m experiments.translate --workdir DIR --input PATH --output OUT_DIR
 
 PATH is one image or a folder of them (single images of the run's source
-domain, not A|B pairs). Each is resized to the model's size, translated and the
-result resized back to the input's size, saved as OUT_DIR/<name>.png.
+domain, not A|B pairs: JPEG, PNG or TIFF, 8 or 16 bits). Each is translated at
+the size the run's training transform gives it (--size=train: for
+resize_and_crop the model's square, for scale_width the training width, for
+crop and none the image's own) or at its own (--size=native), padded to what
+the network takes; images over 1024 px translate in blended tiles. The result,
+at the input's size and bit depth, is saved as OUT_DIR/<name>.png (.tif for
+channel counts other than 1 and 3).
 """
 
 from absl import app, flags, logging
@@ -22,15 +27,18 @@ flags.DEFINE_enum("mode", "eval", train.GENERATE_MODES,
                   "each image normalised with its own statistics and dropout on.")
 flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 flags.DEFINE_integer("seed", 0, "Seed of the dropout masks in --mode=paper.")
+flags.DEFINE_enum("size", "train", inference.SIZES,
+                  "train: the deterministic part of the run's training transform; native: each image's own size.")
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
 def main(argv):
   written = cli.run_command(
       argv, inference.translate_paths,
-      {"input_path": "--input", "output_dir": "--output", "batch_size": "--batch_size", "step": "--step"},
+      {"input_path": "--input", "output_dir": "--output", "batch_size": "--batch_size", "step": "--step",
+       "size": "--size"},
       FLAGS.workdir, FLAGS.input, FLAGS.output, step=FLAGS.step, mode=FLAGS.mode,
-      batch_size=FLAGS.batch_size, seed=FLAGS.seed)
+      batch_size=FLAGS.batch_size, seed=FLAGS.seed, size=FLAGS.size)
   logging.info("Wrote %d image(s) to %s.", len(written), FLAGS.output)
 
 

@@ -17,10 +17,10 @@ import ml_collections
 from p2p_jax import layers, models, recipe, train
 
 DIRECTIONS = ("AtoB", "BtoA")
-PREPROCESS_MODES = ("resize_and_crop", "crop", "scale_width", "none")
+PREPROCESS_MODES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
 NORMS = ("batch", "instance", "none")
 DTYPES = ("float32", "bfloat16", "float16")
-POSITIVE_INTS = ("batch_size", "load_size", "crop_size", "log_every_steps", "checkpoint_every_steps",
+POSITIVE_INTS = ("input_nc", "output_nc", "batch_size", "load_size", "crop_size", "log_every_steps", "checkpoint_every_steps",
                  "sample_every_steps", "keep_checkpoints", "num_sample_images", "model.ngf", "model.ndf",
                  "model.num_downs", "model.n_blocks")
 # Keys that may differ between a run and its resumption: they change neither
@@ -48,6 +48,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.train_split = "train"
   config.eval_split = "test"
   config.direction = "AtoB"
+  # Channels of the model's input and target (after direction): 1 grey, 3 RGB, or
+  # any N, from files of exactly N channels (e.g. TIFF samples or pages).
+  config.input_nc = 3
+  config.output_nc = 3
   config.preprocess = "resize_and_crop"  # resize_and_crop | crop | scale_width | none
   config.load_size = 286
   config.crop_size = 256
@@ -196,7 +200,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{key} must be one of {tuple(choices)}, got {flat[key]!r}")
   if not 0 <= config.model.n_layers_d <= 8:
     raise ValueError(f"config.model.n_layers_d must be in [0, 8], got {config.model.n_layers_d!r}")
-  if config.preprocess in ("resize_and_crop", "scale_width") and config.crop_size > config.load_size:
+  if config.preprocess in ("resize_and_crop", "scale_width_and_crop") and config.crop_size > config.load_size:
     raise ValueError(f"config.crop_size={config.crop_size} is larger than config.load_size="
                      f"{config.load_size}: a random crop must fit in the resized image.")
   for name, term in config.loss.terms.items():
@@ -234,7 +238,8 @@ def check_batch_size(batch_size: int, num_devices: int, num_processes: int) -> N
 def image_shapes(config: ml_collections.ConfigDict) -> Dict[str, jax.ShapeDtypeStruct]:
   """The shapes of one training example, ``{"A": source, "B": target}``, for ``train.create_train_state``."""
   size = config.crop_size
-  return {name: jax.ShapeDtypeStruct((size, size, 3), "float32") for name in ("A", "B")}
+  return {name: jax.ShapeDtypeStruct((size, size, channels), "float32")
+          for name, channels in (("A", config.input_nc), ("B", config.output_nc))}
 
 
 def _check_eval_every_steps(every: int, num_processes: int) -> None:

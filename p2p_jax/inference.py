@@ -10,7 +10,7 @@ loop's sample sheets use the former); ``translate_paths`` and
 import json
 import pathlib
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import logging
 import jax
@@ -47,6 +47,78 @@ def make_translate_fn(generator, mode: str):
   return translate
 
 
+TILE_SIZE = 1024  # Larger images translate in overlapping tiles of this side: bounded memory.
+TILE_OVERLAP = 128
+
+
+def _pad_to_multiple(images: np.ndarray, multiple: int) -> Tuple[np.ndarray, Tuple[int, int]]:
+  """Reflect-pads NHWC ``images`` on all sides to multiples of ``multiple``; returns them and (top, left)."""
+  _, height, width, _ = images.shape
+  extra = (-height % multiple, -width % multiple)
+  pads = [(0, 0), (extra[0] // 2, extra[0] - extra[0] // 2), (extra[1] // 2, extra[1] - extra[1] // 2), (0, 0)]
+  return np.pad(images, pads, mode="reflect" if min(height, width) > 1 else "edge"), (pads[1][0], pads[2][0])
+
+
+def _tile_starts(side: int, tile: int, overlap: int) -> List[int]:
+  if side <= tile:
+    return [0]
+  starts = list(range(0, side - tile, tile - overlap))
+  return starts + [side - tile]
+
+
+def _ramp(length: int, start: int, side: int, overlap: int) -> np.ndarray:
+  """A tile's blending weights along one axis: rising over the overlap wherever a neighbour shares it."""
+  weights = np.ones(length, np.float32)
+  rise = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+  if start > 0:
+    weights[:overlap] = rise
+  if start + length < side:
+    weights[-overlap:] = np.minimum(weights[-overlap:], rise[::-1])
+  return weights
+
+
+def generate(translate: Callable, images: np.ndarray, indices: np.ndarray, *, multiple: int,
+             tile_size: int = TILE_SIZE, overlap: int = TILE_OVERLAP) -> np.ndarray:
+  """The generator's outputs for NHWC ``images`` of any size, at that size.
+
+  ``translate(batch, indices)`` runs the network on sides that are multiples
+  of ``multiple`` (``make_translate_fn``). Images are reflect-padded to such
+  sides and the outputs cropped back. An image with a side over ``tile_size``
+  runs tile by tile (``tile_size`` squares, ``overlap`` pixels shared and
+  blended linearly), so memory is bounded whatever its size; in ``"paper"``
+  mode each tile is then normalised with its own statistics.
+  """
+  if tile_size % multiple or overlap >= tile_size:
+    raise ValueError(f"tile_size={tile_size} must be a multiple of {multiple} (the network's) and larger "
+                     f"than the overlap, {overlap}.")
+  _, height, width, _ = images.shape
+  padded, (top, left) = _pad_to_multiple(np.asarray(images, np.float32), multiple)
+  if max(padded.shape[1:3]) <= tile_size:
+    return np.asarray(translate(padded, indices))[:, top:top + height, left:left + width]
+  return np.stack([_generate_tiled(translate, image, index, tile_size, overlap)[top:top + height, left:left + width]
+                   for image, index in zip(padded, indices)])
+
+
+def _generate_tiled(translate, image: np.ndarray, index, tile_size: int, overlap: int) -> np.ndarray:
+  height, width, _ = image.shape
+  tile_h, tile_w = min(tile_size, height), min(tile_size, width)
+  total, weight = None, np.zeros((height, width, 1), np.float32)
+  for y in _tile_starts(height, tile_h, overlap):
+    for x in _tile_starts(width, tile_w, overlap):
+      out = np.asarray(translate(image[None, y:y + tile_h, x:x + tile_w], np.asarray([index])))[0]
+      if total is None:
+        total = np.zeros((height, width, out.shape[-1]), np.float32)
+      w = (_ramp(tile_h, y, height, overlap)[:, None] * _ramp(tile_w, x, width, overlap)[None, :])[..., None]
+      total[y:y + tile_h, x:x + tile_w] += w * out
+      weight[y:y + tile_h, x:x + tile_w] += w
+  return total / weight
+
+
+def size_multiple(generator) -> int:
+  """What the sides of ``generator``'s input must be a multiple of: its ``size_multiple``, else 1."""
+  return int(getattr(generator, "size_multiple", 1))
+
+
 def result_names(filenames: List[str]) -> List[str]:
   """The names per-image results are written under: the files' stems, numbered where two clash."""
   stems = [pathlib.PurePath(f).stem for f in filenames]
@@ -61,15 +133,21 @@ def evaluate(state: train.TrainState, generator, config: ml_collections.ConfigDi
              source: Optional[input_pipeline.PairSource] = None) -> Tuple[Dict[str, float], np.ndarray]:
   """Mean L1, PSNR and SSIM over a split (and FID, KID, LPIPS with ``scorer``), and a sample sheet.
 
-  Single-process; ``seed`` draws the dropout masks in ``"paper"`` mode.
-  ``results_dir``: where to write every image's ``real_A``, ``fake_B`` and
-  ``real_B`` with an index.html (``summaries.write_result_images``).
-  ``source``, if given, is the split, opened already (its files checked).
+  Each image is translated at the size ``input_pipeline.eval_transform``
+  gives it (``generate``). Single-process; ``seed`` draws the dropout masks in
+  ``"paper"`` mode. ``results_dir``: where to write every image's ``real_A``,
+  ``fake_B`` and ``real_B`` with an index.html
+  (``summaries.write_result_images``). ``source``, if given, is the split,
+  opened already (its files checked).
   """
   translate = jax.jit(make_translate_fn(generator, mode))
+  run = lambda images, indices: translate(state, images, jax.random.key(seed), indices)
   if source is None:
     source = (input_pipeline.pair_source(config, split) if split else
               input_pipeline.pair_source(config, config.eval_split, named_by="config.eval_split"))
+  if scorer is not None and perceptual.unscorable(config.output_nc):
+    logging.warning("%s.", perceptual.unscorable(config.output_nc))
+    scorer = None
   names = result_names(source.filenames)
   dataset = input_pipeline.make_eval_dataset(config, batch_size=batch_size, source=source)
   totals, count, sheet_parts = {}, 0, []
@@ -78,16 +156,18 @@ def evaluate(state: train.TrainState, generator, config: ml_collections.ConfigDi
                  disable=not sys.stderr.isatty(), leave=False) as bar:
     for batch in dataset.as_numpy_iterator():
       n = len(batch["A"])
-      generated = np.asarray(translate(state, batch["A"], jax.random.key(seed), count + np.arange(n)))
+      generated = generate(run, batch["A"], batch["index"], multiple=size_multiple(generator))
       for name, values in jax.device_get(metrics.image_metrics(generated, batch["B"])).items():
         totals[name] = totals.get(name, 0.0) + float(np.sum(values))
       if scorer is not None:
         scorer.add(generated, batch["B"])
       if results_dir is not None:
-        summaries.write_result_images(results_dir, names[count:count + n], batch["A"], generated, batch["B"])
+        summaries.write_result_images(results_dir, [names[i] for i in batch["index"]], batch["A"], generated,
+                                      batch["B"], source.model_bits(config.direction))
       count += n
       bar.update(n)
-      if sum(len(p[0]) for p in sheet_parts) < config.num_sample_images:
+      if (sum(len(p[0]) for p in sheet_parts) < config.num_sample_images
+          and (not sheet_parts or sheet_parts[0][0].shape[1:] == batch["A"].shape[1:])):
         sheet_parts.append((batch["A"], generated, batch["B"]))
   if not count:
     raise ValueError(f"The eval split {split or config.eval_split!r} of {config.dataset!r} is empty.")
@@ -97,15 +177,16 @@ def evaluate(state: train.TrainState, generator, config: ml_collections.ConfigDi
     means.update(scorer.results())
   means["num_images"] = count
   if results_dir is not None:
-    summaries.write_results_index(results_dir, names)
+    summaries.write_results_index(results_dir, names, (config.input_nc, config.output_nc))
   return means, summaries.sample_sheet(*columns)
 
 
-def list_images(path) -> List[pathlib.Path]:
-  """``path`` itself, or the images in folder ``path``.
+def list_images(path, channels: int) -> List[Tuple[pathlib.Path, images.ImageInfo]]:
+  """``path`` itself, or the images in folder ``path``, each with what it holds.
 
-  Each is decoded once here, so every unreadable input is named before the
-  checkpoint is loaded or anything is written.
+  Each is decoded once here, so every unreadable input, or one whose channels
+  a ``channels``-channel model cannot take, is named before the checkpoint is
+  loaded or anything is written.
   """
   path = pathlib.Path(path).expanduser()
   if path.is_dir():
@@ -116,21 +197,15 @@ def list_images(path) -> List[pathlib.Path]:
     paths = [path]
   else:
     raise FileNotFoundError(f"input_path={path}: no such file or folder.")
-  errors = [f"Cannot read image {p}: {error}" for p, error in images.decode_errors(paths).items()]
+  infos = images.decode_all(paths)
+  errors = [f"Cannot read image {p}: {info}" if isinstance(info, Exception) else
+            f"Image {p}: {images.channel_error(info, channels)}" for p, info in zip(paths, infos)
+            if isinstance(info, Exception) or images.channel_error(info, channels)]
   if errors:
     more = f"; and {len(errors) - _MAX_NAMED} more" if len(errors) > _MAX_NAMED else ""
-    raise ValueError(f"input_path={path}: {len(errors)} of {len(paths)} images do not decode. "
+    raise ValueError(f"input_path={path}: {len(errors)} of {len(paths)} images cannot be translated. "
                      f"{'; '.join(errors[:_MAX_NAMED])}{more}")
-  return paths
-
-
-def _to_model_input(image: Image.Image, size: int) -> np.ndarray:
-  resized = image.resize((size, size), Image.Resampling.BICUBIC)
-  return np.asarray(resized, np.float32) / 127.5 - 1.0
-
-
-def _to_image(array: np.ndarray, size) -> Image.Image:
-  return Image.fromarray(summaries.to_uint8(array)).resize(size, Image.Resampling.BICUBIC)
+  return list(zip(paths, infos))
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -138,21 +213,31 @@ def _check_batch_size(batch_size: int) -> None:
     raise ValueError(f"batch_size={batch_size}: must be positive.")
 
 
+SIZES = ("train", "native")
+
+
 def translate_paths(workdir, input_path, output_dir, *, step: Optional[int] = None,
-                    mode: str = "eval", batch_size: int = 8, seed: int = 0,
+                    mode: str = "eval", batch_size: int = 8, seed: int = 0, size: str = "train",
                     pix2pix: Optional[recipe.Pix2Pix] = None) -> List[pathlib.Path]:
   """Translates the image(s) at ``input_path`` into ``output_dir``; returns the written paths.
 
-  Each image is resized to the model's size, translated in the direction the
-  run was trained in, and the result resized back and saved as
-  ``output_dir/<name>.png``. ``pix2pix`` gives the networks of a run trained
-  with networks given as Python objects.
+  Each image is translated in the direction the run was trained in, at the
+  size the run's deterministic training transform gives it (``size="train"``,
+  ``input_pipeline.eval_transform``) or at its own (``"native"``), and the
+  result, at the input's size and bit depth, saved as ``output_dir/<name>.png``
+  (``.tif`` for channel counts other than 1 and 3). Channels are converted to
+  the model's as in training (``images``). ``pix2pix`` gives the networks of a
+  run trained with networks given as Python objects.
   """
   _check_batch_size(batch_size)
+  if size not in SIZES:
+    raise ValueError(f"size={size!r}: must be one of {SIZES}.")
   output_dir = pathlib.Path(output_dir).expanduser()
   if output_dir.exists() and not output_dir.is_dir():
     raise ValueError(f"output_dir={output_dir} is a file: give a folder for the translated images.")
-  paths = list_images(input_path)
+  config = checkpoint.load_config(workdir, step)
+  listed = list_images(input_path, config.input_nc)
+  paths = [p for p, _ in listed]
   if output_dir.resolve() in {p.parent.resolve() for p in paths}:
     raise ValueError(f"output_dir={output_dir} is the input folder: choose another folder, so no "
                      "input is overwritten.")
@@ -162,20 +247,40 @@ def translate_paths(workdir, input_path, output_dir, *, step: Optional[int] = No
     raise ValueError(f"input_path={input_path}: several files would be written as "
                      f"{output_dir / (clashes[0] + '.png')}; rename them apart.")
   run = checkpoint.load_run(workdir, step, pix2pix=pix2pix)
-  logging.info("Translating %d image(s) with the step %d generator (config.direction=%s, "
-               "mode=%s).", len(paths), int(run.state.step), run.config.direction, mode)
+  logging.info("Translating %d image(s) with the step %d generator (config.direction=%s, mode=%s, "
+               "size=%s).", len(paths), int(run.state.step), config.direction, mode, size)
   translate = jax.jit(make_translate_fn(run.pix2pix.generator, mode))
+  network = lambda batch, indices: translate(run.state, batch, jax.random.key(seed), indices)
+  multiple = size_multiple(run.pix2pix.generator)
   output_dir.mkdir(parents=True, exist_ok=True)
-  size, written = run.config.crop_size, []
-  for start in range(0, len(paths), batch_size):
-    originals = [images.read_rgb(p) for p in paths[start:start + batch_size]]
-    batch = np.zeros((batch_size, size, size, 3), np.float32)  # one shape: one compilation
-    batch[:len(originals)] = [_to_model_input(image, size) for image in originals]
-    generated = np.asarray(translate(run.state, batch, jax.random.key(seed), start + np.arange(batch_size)))
-    for path, image, result in zip(paths[start:], originals, generated):
-      target = output_dir / f"{path.stem}.png"
-      _to_image(result, image.size).save(target)
+  written, group = [], []
+
+  def flush():
+    """Translates the group (images of one shape) in one call, padded to batch_size: one compilation."""
+    batch = np.stack([image for _, _, image in group])
+    if max(batch.shape[1:3]) <= TILE_SIZE:
+      batch = np.concatenate([batch, np.zeros((batch_size - len(group), *batch.shape[1:]), np.float32)])
+    indices = np.arange(len(batch)) + group[0][0]
+    for (_, (path, info), _), result in zip(group, generate(network, batch, indices, multiple=multiple)):
+      if result.shape[:2] != (info.height, info.width):
+        result = tf.image.resize(result, (info.height, info.width), method="bicubic").numpy()
+      target = output_dir / f"{path.stem}{images.extension(result.shape[-1])}"
+      target.write_bytes(images.encode(result, info.bits))
       written.append(target)
+    group.clear()
+
+  for index, (path, info) in enumerate(listed):
+    image = images.to_unit_range(images.read(path, config.input_nc, info), info.bits)
+    if size == "train":
+      image, _ = input_pipeline.eval_transform(image, None, config)
+    image = np.asarray(image)
+    if group and (group[0][2].shape != image.shape or len(group) == batch_size):
+      flush()
+    group.append((index, (path, info), image))
+    if max(image.shape[:2]) > TILE_SIZE:  # tiled: alone
+      flush()
+  if group:
+    flush()
   return written
 
 
@@ -211,7 +316,7 @@ def evaluate_checkpoint(workdir, *, step: Optional[int] = None, split: Optional[
   out = checkpoint.workdir_path(workdir) / EVAL_DIR
   out.mkdir(parents=True, exist_ok=True)
   cache = None
-  if scorer.weights.inception is not None:
+  if scorer.weights.inception is not None and not perceptual.unscorable(config.output_nc):
     cache = out / REAL_FEATURES_DIR / f"{_real_features_key(source, config)}.npy"
     if scorer.needs_real_features and cache.exists():
       with cache.open("rb") as file:
@@ -225,8 +330,9 @@ def evaluate_checkpoint(workdir, *, step: Optional[int] = None, split: Optional[
     with cache.open("wb") as file:
       np.save(file, scorer.real_features())
   results = {"step": step, "split": split, "mode": mode, "dataset": config.dataset, **means}
-  if scorer.weights.missing:
-    results["missing_metrics"] = scorer.weights.missing
+  missing = scorer.weights.missing + [m for m in [perceptual.unscorable(config.output_nc)] if m]
+  if missing:
+    results["missing_metrics"] = missing
 
   (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
   summaries.write_samples(out / f"{split}_{mode}", step, sheet)
@@ -241,7 +347,9 @@ def evaluate_checkpoint(workdir, *, step: Optional[int] = None, split: Optional[
 def _real_features_key(source: input_pipeline.PairSource, config: ml_collections.ConfigDict) -> str:
   """The split's files read as bytes (cheap next to the features): a changed file is a new key."""
   encoded = (b"".join(t.numpy() for t in source.read(tf.constant(i))) for i in range(source.num_examples))
-  return perceptual.real_features_key(encoded, config.crop_size, config.direction)
+  settings = (f"{config.preprocess} {config.load_size} {config.crop_size} {config.direction} "
+              f"{config.input_nc} {config.output_nc}")
+  return perceptual.real_features_key(encoded, settings)
 
 
 def evaluate_checkpoints(workdir, *, split: Optional[str] = None, mode: str = "eval", batch_size: int = 8,

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from p2p_jax import images
+from p2p_jax import images, models
 from p2p_jax.datasets import pix2pix, synthetic
 
 
@@ -39,33 +39,55 @@ class PairSource:
   filenames: List[str]
   read: Callable[[tf.Tensor], Tuple[tf.Tensor, tf.Tensor]]
   side_by_side: bool
+  bits: Tuple[int, int] = (8, 8)  # of the files' A and B sides
+  sizes: Optional[List[Tuple[int, int]]] = None  # (height, width) of each model input, where known
+
+  def model_bits(self, direction: str) -> Tuple[int, int]:
+    """The bits of the model's (input, target) files."""
+    return self.bits[::-1] if direction == "BtoA" else self.bits
 
   @property
   def num_examples(self) -> int:
     return len(self.filenames)
 
 
-def _check_images(paths: List[pathlib.Path], side_by_side: bool, skip_bad_files: bool) -> List[pathlib.Path]:
-  """Decodes every file once, so a bad one is named before any training."""
-  sizes = images.decode_all(paths)
-  good, bad = [], []
-  for path, size in zip(paths, sizes):
-    if isinstance(size, Exception):
+def _check_images(paths: List[pathlib.Path], side_by_side: bool, skip_bad_files: bool,
+                  channels: Tuple[int, ...]) -> Tuple[List[pathlib.Path], int, List[Tuple[int, int]]]:
+  """Decodes every file once, so a bad one is named before any training.
+
+  Returns the good files, their bit depth and their (height, width).
+
+  ``channels``: what the model takes from these files (input, target or both
+  for side-by-side pairs). Every file of a folder must have the same bit depth,
+  by which its samples are scaled.
+  """
+  infos = images.decode_all(paths)
+  good, bad, bits, sizes = [], [], {}, []
+  for path, info in zip(paths, infos):
+    if isinstance(info, Exception):
       if not skip_bad_files:
-        raise ValueError(f"Cannot decode image {path}: {size}. Remove or replace it, or set "
+        raise ValueError(f"Cannot decode image {path}: {info}. Remove or replace it, or set "
                          "config.skip_bad_files=True to skip such files with a warning.")
       bad.append(path)
       continue
-    width, height = size
-    if side_by_side and width < pix2pix.PAIR_MIN_ASPECT * height:
-      raise pix2pix.not_a_pair_error(path, width, height)
+    if side_by_side and info.width < pix2pix.PAIR_MIN_ASPECT * info.height:
+      raise pix2pix.not_a_pair_error(path, info.width, info.height)
+    for count in channels:
+      reason = images.channel_error(info, count)
+      if reason:
+        raise ValueError(f"Image {path}: {reason} (config.input_nc / config.output_nc).")
+    bits.setdefault(info.bits, path)
     good.append(path)
+    sizes.append((info.height, info.width // 2 if side_by_side else info.width))
   if bad:
     logging.warning("Skipped %d of %d files that do not decode (config.skip_bad_files=True), e.g. %s",
                     len(bad), len(paths), bad[0])
   if not good:
     raise ValueError(f"No decodable images among the {len(paths)} files of {paths[0].parent}.")
-  return good
+  if len(bits) > 1:
+    raise ValueError(f"Image {bits[16]} is 16-bit but {bits[8]} in the same folder is 8-bit: the images of "
+                     "a folder share one bit depth, by which they are scaled to [-1, 1]; convert them to one.")
+  return good, next(iter(bits)), sizes
 
 
 def _splits_of(root: pathlib.Path) -> List[str]:
@@ -76,9 +98,12 @@ def _splits_of(root: pathlib.Path) -> List[str]:
       images.image_files(d) or ((d / "A").is_dir() and (d / "B").is_dir())))
 
 
-def _folder_source(root: pathlib.Path, split: str, named_by: str, skip_bad_files: bool,
-                   cache: bool) -> PairSource:
+def _folder_source(root: pathlib.Path, split: str, named_by: str, config: ml_collections.ConfigDict) -> PairSource:
   """``root/split/*.jpg`` side by side, or ``root/split/{A,B}/`` with matching names."""
+  skip_bad_files, cache = config.skip_bad_files, config.cache
+  a_channels, b_channels = config.input_nc, config.output_nc
+  if config.direction == "BtoA":
+    a_channels, b_channels = b_channels, a_channels
   split_dir = root / split
   a_dir, b_dir = split_dir / "A", split_dir / "B"
   if a_dir.is_dir() and b_dir.is_dir():
@@ -87,12 +112,14 @@ def _folder_source(root: pathlib.Path, split: str, named_by: str, skip_bad_files
     missing = [p.name for p in a_files if p.name not in b_names]
     if missing:
       raise ValueError(f"{len(missing)} images in {a_dir} have no namesake in {b_dir}, e.g. {missing[0]!r}.")
-    a_files = _check_images(a_files, False, skip_bad_files)
-    b_files = _check_images([b_dir / p.name for p in a_files], False, skip_bad_files)
-    b_names = {p.name for p in b_files}
-    a_files = [p for p in a_files if p.name in b_names]
-    pairs = (a_files, [b_dir / p.name for p in a_files])
-    side_by_side = False
+    a_files, a_bits, a_sizes = _check_images(a_files, False, skip_bad_files, (a_channels,))
+    b_files, b_bits, b_sizes = _check_images([b_dir / p.name for p in a_files], False, skip_bad_files,
+                                             (b_channels,))
+    b_sizes = dict(zip((p.name for p in b_files), b_sizes))
+    kept = [(p, size) for p, size in zip(a_files, a_sizes) if p.name in b_sizes]
+    pairs = ([p for p, _ in kept], [b_dir / p.name for p, _ in kept])
+    sizes = [size for _, size in kept] if config.direction == "AtoB" else [b_sizes[p.name] for p, _ in kept]
+    side_by_side, bits = False, (a_bits, b_bits)
   else:
     files = images.image_files(split_dir) if split_dir.is_dir() else []
     if not files:
@@ -100,8 +127,8 @@ def _folder_source(root: pathlib.Path, split: str, named_by: str, skip_bad_files
           f"{named_by}={split!r}: no images for this split of dataset {root}: looked for "
           f"{split_dir}/*{{{','.join(images.IMAGE_EXTENSIONS)}}} (A|B side by side) and for the folders "
           f"{a_dir} and {b_dir}; the splits there are {_splits_of(root)}.")
-    pairs = (_check_images(files, True, skip_bad_files), None)
-    side_by_side = True
+    files, file_bits, sizes = _check_images(files, True, skip_bad_files, (a_channels, b_channels))
+    pairs, side_by_side, bits = (files, None), True, (file_bits, file_bits)
   a_paths = tf.constant([str(p) for p in pairs[0]])
   b_paths = tf.constant([str(p) for p in pairs[1]]) if pairs[1] else None
   if cache:  # Keep the encoded files in memory: one read per file per run.
@@ -113,7 +140,7 @@ def _folder_source(root: pathlib.Path, split: str, named_by: str, skip_bad_files
     encoded_b = load(tf.gather(b_paths, index)) if b_paths is not None else tf.constant(b"")
     return load(tf.gather(a_paths, index)), encoded_b
 
-  return PairSource(f"{split_dir}", [p.name for p in pairs[0]], read, side_by_side)
+  return PairSource(f"{split_dir}", [p.name for p in pairs[0]], read, side_by_side, bits, sizes)
 
 
 def _tfds_source(name: str, split: str, named_by: str, data_dir: str, verify_checksums: bool) -> PairSource:
@@ -157,15 +184,14 @@ def pair_source(config: ml_collections.ConfigDict, split: str, *, named_by: str 
   argument), which an error about the split names.
   """
   if config.dataset == "synthetic":
-    return _folder_source(synthetic.ensure_dataset(config.data_dir, config.seed), split, named_by, False,
-                          config.cache)
+    return _folder_source(synthetic.ensure_dataset(config.data_dir, config.seed), split, named_by, config)
   if config.dataset.startswith("pix2pix/"):
     return _tfds_source(config.dataset, split, named_by, config.data_dir, config.verify_checksums)
   root = pathlib.Path(config.dataset).expanduser()
   if not root.is_dir():
     raise ValueError(f"config.dataset={config.dataset!r} is neither 'synthetic', 'pix2pix/<name>' "
                      "nor an existing folder in the pix2pix layout (<folder>/<split>/*.jpg).")
-  return _folder_source(root, split, named_by, config.skip_bad_files, config.cache)
+  return _folder_source(root, split, named_by, config)
 
 
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
@@ -185,15 +211,18 @@ def steps_per_epoch(config: ml_collections.ConfigDict, source: Optional[PairSour
   return fractions.Fraction(source.num_examples, config.batch_size)
 
 
-def _decode_pair(encoded_a, encoded_b, side_by_side: bool, direction: str):
-  decode = lambda x: tf.io.decode_image(x, channels=3, expand_animations=False)
-  if side_by_side:
-    ab = decode(encoded_a)
+def _decode_pair(encoded_a, encoded_b, source: PairSource, config: ml_collections.ConfigDict):
+  """The model's (input, target) as float32 in their files' range, with config.input_nc / output_nc channels."""
+  if source.side_by_side:
+    ab = images.decode(encoded_a, source.bits[0])
     half = tf.shape(ab)[1] // 2  # B takes the odd column, as the reference's AB.crop((w2, 0, w, h)).
     a, b = ab[:, :half], ab[:, half:]
   else:
-    a, b = decode(encoded_a), decode(encoded_b)
-  return (b, a) if direction == "BtoA" else (a, b)
+    a, b = images.decode(encoded_a, source.bits[0]), images.decode(encoded_b, source.bits[1])
+  if config.direction == "BtoA":
+    a, b = b, a
+  return (images.to_channels(tf.cast(a, tf.float32), config.input_nc),
+          images.to_channels(tf.cast(b, tf.float32), config.output_nc))
 
 
 def _resize(image, height, width):
@@ -220,29 +249,66 @@ def jitter_params(height, width, config: ml_collections.ConfigDict, seed):
   return top, left, flip
 
 
+def _scaled_width_size(shape, config):
+  """The reference's ``__scale_width``: width load_size, height in proportion (int()), at least crop_size."""
+  shape = tf.cast(shape, tf.float32)
+  height = tf.cast(tf.maximum(shape[0] * config.load_size / shape[1], config.crop_size), tf.int32)
+  return height, config.load_size
+
+
+def _nearest_multiple_size(shape, multiple: int):
+  """The reference's ``__make_power_2`` for the network's multiple: each side rounded to the nearest, at least one."""
+  sides = tf.cast(tf.round(tf.cast(shape[:2], tf.float32) / multiple), tf.int32) * multiple
+  sides = tf.maximum(sides, multiple)
+  return sides[0], sides[1]
+
+
 def _jitter(a, b, config, seed):
-  """The reference's train-time transform, identical for A and B."""
+  """The reference's train-time transform, identical for A and B.
+
+  ``scale_width`` and ``none`` keep the (scaled) image whole, as the
+  reference, resized to the nearest multiple of what the network takes
+  (``models.size_multiple``).
+  """
   crop, load = config.crop_size, config.load_size
   if config.preprocess == "resize_and_crop":
     a, b = _resize(a, load, load), _resize(b, load, load)
-  elif config.preprocess == "scale_width":
-    shape = tf.cast(tf.shape(a), tf.float32)
-    height = tf.cast(tf.maximum(shape[0] * load / shape[1], crop), tf.int32)  # int() as the reference
-    a, b = _resize(a, height, load), _resize(b, height, load)
-  elif config.preprocess == "none":  # The reference keeps any size; batches need crop_size.
-    a, b = _resize(a, crop, crop), _resize(b, crop, crop)
-  else:  # crop from the original size, which must be at least crop_size.
-    a, b = tf.cast(a, tf.float32), tf.cast(b, tf.float32)
-  shape = tf.shape(a)
-  tf.debugging.assert_greater_equal(
-      shape[:2], crop, message=f"an image is smaller than config.crop_size={crop} for preprocess={config.preprocess!r}")
-  top, left, flip = jitter_params(shape[0], shape[1], config, seed)
-  a, b = a[top:top + crop, left:left + crop], b[top:top + crop, left:left + crop]
+  elif config.preprocess in ("scale_width", "scale_width_and_crop"):
+    height, width = _scaled_width_size(tf.shape(a), config)
+    a, b = _resize(a, height, width), _resize(b, height, width)
+  if config.preprocess in ("scale_width", "none"):
+    height, width = _nearest_multiple_size(tf.shape(a), models.size_multiple(config.model))
+    a, b = _resize(a, height, width), _resize(b, height, width)
+    top, left, flip = jitter_params(crop, crop, config, seed)  # no crop: only the flip is drawn
+  else:
+    shape = tf.shape(a)
+    tf.debugging.assert_greater_equal(
+        shape[:2], crop,
+        message=f"an image is smaller than config.crop_size={crop} for preprocess={config.preprocess!r}")
+    top, left, flip = jitter_params(shape[0], shape[1], config, seed)
+    a, b = a[top:top + crop, left:left + crop], b[top:top + crop, left:left + crop]
   return tf.cond(flip, lambda: (a[:, ::-1], b[:, ::-1]), lambda: (a, b))
 
 
-def _to_unit_range(image):
-  return tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0) / 127.5 - 1.0
+def eval_transform(a, b, config: ml_collections.ConfigDict):
+  """The deterministic part of the training transform, which evaluate and translate apply.
+
+  ``resize_and_crop``: a resize to crop_size x crop_size, as the reference's
+  test.py (its test options set load_size to crop_size); ``scale_width`` and
+  ``scale_width_and_crop``: width load_size, height in proportion; ``crop`` and
+  ``none``: the image's own size. The generator then runs at that size
+  (``inference.generate`` pads it to what the network takes). B, if given,
+  is resized to A's size where it differs.
+  """
+  if config.preprocess == "resize_and_crop":
+    height, width = config.crop_size, config.crop_size
+  elif config.preprocess in ("scale_width", "scale_width_and_crop"):
+    height, width = _scaled_width_size(tf.shape(a), config)
+  else:
+    height, width = tf.shape(a)[0], tf.shape(a)[1]
+  same = lambda image: tf.reduce_all(tf.shape(image)[:2] == tf.stack([height, width]))
+  fit = lambda image: tf.cond(same(image), lambda: image, lambda: _resize(image, height, width))
+  return fit(a), (None if b is None else fit(b))
 
 
 def _fold_in(seed, *data):
@@ -273,6 +339,26 @@ def _stream_positions(num: int, seed: int, start_step: int, global_batch: int, l
           .map(lambda position, epoch, index: (epoch, index)))
 
 
+def _check_one_size(config: ml_collections.ConfigDict, source: PairSource) -> None:
+  """``scale_width`` and ``none`` keep whole images: a batch of several needs them all of one training size."""
+  if not source.sizes:
+    return
+  multiple = models.size_multiple(config.model)
+  first = None
+  for name, (height, width) in zip(source.filenames, source.sizes):
+    shape = (height, width)
+    if config.preprocess == "scale_width":
+      shape = tuple(int(x) for x in _scaled_width_size(tf.constant([height, width]), config))
+    size = tuple(int(x) for x in _nearest_multiple_size(tf.constant(shape), multiple))
+    first = first or (name, size)
+    if size != first[1]:
+      raise ValueError(
+          f"config.preprocess={config.preprocess!r} trains on whole images, and config.batch_size="
+          f"{config.batch_size} batches images of one size: {source.description}/{first[0]} becomes "
+          f"{first[1][0]}x{first[1][1]} but {name} {size[0]}x{size[1]}. Use batch_size=1, images of one "
+          "size, or a preprocess that crops.")
+
+
 def make_train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0,
                        process_index: Optional[int] = None, process_count: Optional[int] = None,
                        source: Optional[PairSource] = None) -> tf.data.Dataset:
@@ -287,11 +373,14 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0
   local_batch = config.batch_size // process_count
   positions = _stream_positions(source.num_examples, config.seed, start_step, config.batch_size,
                                 local_batch, process_index)
+  bits = source.model_bits(config.direction)
+  if config.preprocess in ("scale_width", "none") and local_batch > 1:
+    _check_one_size(config, source)
 
   def load(epoch, index):
-    a, b = _decode_pair(*source.read(index), source.side_by_side, config.direction)
+    a, b = _decode_pair(*source.read(index), source, config)
     a, b = _jitter(a, b, config, _fold_in(tf.constant([config.seed, 0], tf.int64), epoch, index))
-    return {"A": _to_unit_range(a), "B": _to_unit_range(b)}
+    return {"A": images.to_unit_range(a, bits[0]), "B": images.to_unit_range(b, bits[1])}
 
   options = tf.data.Options()
   options.deterministic = True
@@ -303,24 +392,32 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0
 
 def make_eval_dataset(config: ml_collections.ConfigDict, *, batch_size: Optional[int] = None,
                       split: Optional[str] = None, source: Optional[PairSource] = None) -> tf.data.Dataset:
-  """The eval split in order, resized to crop_size, no jitter; the last batch may be short.
+  """The eval split, no jitter, at ``eval_transform``'s size, in batches of images of one size.
 
-  ``source``, if given, is that split, opened already.
+  Each batch holds up to ``batch_size`` (default config.batch_size) images of
+  one shape, in the split's order where the sizes allow; ``index`` is each
+  image's position in the split (``filename`` its name). ``source``, if given,
+  is that split, opened already.
   """
   if source is None:
     source = (pair_source(config, split) if split else
               pair_source(config, config.eval_split, named_by="config.eval_split"))
   filenames = tf.constant(source.filenames)
+  bits = source.model_bits(config.direction)
+  batch_size = batch_size or config.batch_size
 
   def load(index):
-    a, b = _decode_pair(*source.read(index), source.side_by_side, config.direction)
-    size = config.crop_size
-    return {"A": _to_unit_range(_resize(a, size, size)), "B": _to_unit_range(_resize(b, size, size)),
-            "filename": tf.gather(filenames, index)}
+    a, b = eval_transform(*_decode_pair(*source.read(index), source, config), config)
+    return {"A": images.to_unit_range(a, bits[0]), "B": images.to_unit_range(b, bits[1]),
+            "filename": tf.gather(filenames, index), "index": index}
+
+  def shape_key(example):
+    shape = tf.cast(tf.shape(example["A"]), tf.int64)
+    return shape[0] * (1 << 32) + shape[1]
 
   return (tf.data.Dataset.range(source.num_examples)
           .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-          .batch(batch_size or config.batch_size)
+          .group_by_window(shape_key, lambda _, window: window.batch(batch_size), window_size=batch_size)
           .prefetch(tf.data.AUTOTUNE))
 
 

@@ -188,6 +188,15 @@ class PatchDiscriminator(nn.Module):
       self.sow("intermediates", f"features_{i}", h)
 
 
+def size_multiple(model: ml_collections.ConfigDict) -> int:
+  """What the sides of the built-in generator of ``model`` must be a multiple of (1 for others)."""
+  if model.generator == "unet":
+    return 2 ** model.num_downs
+  if model.generator == "resnet":
+    return ResnetGenerator.size_multiple
+  return 1
+
+
 def make_generator(model: ml_collections.ConfigDict, out_channels: int,
                    axis_name: Optional[str] = None) -> nn.Module:
   """The built-in generator named by ``model.generator`` (``unet`` or ``resnet``)."""

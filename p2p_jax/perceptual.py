@@ -6,7 +6,9 @@ per-image PNGs that evaluate writes are (so FID on those folders, with any
 of the field's tools and the same network, gives the same number). LPIPS is
 the mean over image pairs of the distance between each output and its
 target. A ``Scorer`` accumulates over batches; its real features can be kept
-for the next checkpoint of the same split.
+for the next checkpoint of the same split. Grey images are scored as RGB
+images of three equal channels; other channel counts are not scored
+(``unscorable``).
 """
 
 import dataclasses
@@ -39,6 +41,19 @@ def load_weights() -> Weights:
       loaded[name] = None
       missing.append(str(error))
   return Weights(loaded["inception"], loaded["lpips"], missing)
+
+
+def unscorable(channels: int) -> str:
+  """Why images of ``channels`` channels get no FID, KID or LPIPS ("" if they do)."""
+  if channels in (1, 3):
+    return ""
+  return (f"FID, KID and LPIPS: not computed for images of {channels} channels (their networks take grey "
+          "or RGB images)")
+
+
+def _rgb(images) -> np.ndarray:
+  images = np.asarray(images, np.float32)
+  return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 def _pad(images: np.ndarray, size: int) -> np.ndarray:
@@ -78,9 +93,10 @@ class Scorer:
     return Scorer(self.weights, self.real_features() if self.weights.inception is not None else None, self.seed)
 
   def add(self, generated, target) -> None:
-    """One batch of generated images and their targets, NHWC in [-1, 1]."""
+    """One batch of generated images and their targets, NHWC in [-1, 1], grey or RGB."""
     n = len(generated)
-    self._batch_size = self._batch_size or n
+    self._batch_size = max(self._batch_size or 0, n)
+    generated, target = _rgb(generated), _rgb(target)
     if self.weights.inception is not None:
       fake = summaries.to_uint8(generated)
       self._fake.append(np.asarray(fid.features(self.weights.inception, _pad(fake, self._batch_size)))[:n])
@@ -110,9 +126,12 @@ class Scorer:
     return out
 
 
-def real_features_key(encoded_files: Iterable[bytes], crop_size: int, direction: str) -> str:
-  """What the real features of a split depend on, hashed: the files' bytes, the size, the direction, the weights."""
-  digest = hashlib.sha256(f"{fid.WEIGHTS_SHA1} {crop_size} {direction}".encode())
+def real_features_key(encoded_files: Iterable[bytes], settings: str) -> str:
+  """What the real features of a split depend on, hashed: the files' bytes, the weights, and ``settings``.
+
+  ``settings`` says how the files become the targets (size, direction, channels).
+  """
+  digest = hashlib.sha256(f"{fid.WEIGHTS_SHA1} {settings}".encode())
   for data in encoded_files:
     digest.update(hashlib.sha256(data).digest())
   return digest.hexdigest()[:32]

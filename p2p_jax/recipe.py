@@ -148,7 +148,7 @@ class Pix2Pix:
     model, loss, optim = config.model, config.loss, config.optim
     bn_axis = axis_name if model.sync_batch_stats else None
     generator = _network(model, "generator", models.GENERATORS,
-                         lambda: models.make_generator(model, 3, bn_axis))
+                         lambda: models.make_generator(model, config.output_nc, bn_axis))
     discriminator = _network(model, "discriminator", models.DISCRIMINATORS,
                              lambda: models.make_discriminator(model, bn_axis))
     schedule = make_schedule(optim, steps_per_epoch, total_steps(config, steps_per_epoch))

@@ -3,7 +3,9 @@
 A sample sheet has one row per example: input | generated | target | absolute
 error (black = exact, white = off by the whole [-1, 1] range, averaged over
 the colour channels), the layout of the Keras pix2pix tutorials' plots plus an
-error map that shows where the generator is still wrong.
+error map that shows where the generator is still wrong. Images of one or two
+channels show their first channel as grey, images of more than three their
+first three as RGB.
 """
 
 import html
@@ -15,23 +17,31 @@ from clu import metric_writers
 from etils import epath
 from PIL import Image
 
+from p2p_jax import images
+
 SAMPLES_DIR = "samples"
 SHEET_COLUMNS = ("input", "generated", "target", "|error|")
 _SHEET_NAME = re.compile(r"step_(\d+)\.png")
 
 
-def to_uint8(images) -> np.ndarray:
+def to_uint8(pixels) -> np.ndarray:
   """Images in [-1, 1] as 8-bit pixels, rounded to the nearest level (as translate writes them)."""
-  return np.round((np.clip(np.asarray(images, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+  return images.quantize(pixels, 8)
+
+
+def displayable(pixels: np.ndarray) -> np.ndarray:
+  """NHWC images of any channel count as RGB: the first channel as grey below 3, the first 3 above."""
+  pixels = np.asarray(pixels, np.float32)
+  if pixels.shape[-1] < 3:
+    return np.repeat(pixels[..., :1], 3, axis=-1)
+  return pixels[..., :3]
 
 
 def sample_sheet(inputs, generated, targets) -> np.ndarray:
-  """A uint8 [N*H, 4*W, 3] sheet of NHWC images in [-1, 1] (inputs may have other channel counts)."""
-  inputs, generated, targets = (np.asarray(x, np.float32) for x in (inputs, generated, targets))
-  if inputs.shape[-1] != 3:  # e.g. one-channel edge maps: show them grey.
-    inputs = np.repeat(inputs.mean(-1, keepdims=True), 3, axis=-1)
+  """A uint8 [N*H, 4*W, 3] sheet of NHWC images in [-1, 1], each of any channel count (``displayable``)."""
+  generated, targets = np.asarray(generated, np.float32), np.asarray(targets, np.float32)
   error = np.abs(generated - targets).mean(-1, keepdims=True) - 1.0  # [0, 2] -> [-1, 1]
-  columns = [inputs, generated, targets, np.repeat(error, 3, axis=-1)]
+  columns = [displayable(inputs), displayable(generated), displayable(targets), np.repeat(error, 3, axis=-1)]
   rows = np.concatenate(columns, axis=2)  # N, H, 4W, 3
   return to_uint8(rows.reshape(-1, *rows.shape[2:]))
 
@@ -54,7 +64,8 @@ def write_index(directory) -> epath.Path:
 <style>body{{font-family:sans-serif}} img{{image-rendering:pixelated;width:min(100%,1024px)}}</style>
 </head><body>
 <h1>{title}</h1>
-<p>Each row: {' | '.join(SHEET_COLUMNS)}. Newest first.</p>
+<p>Each row: {' | '.join(SHEET_COLUMNS)}. Newest first. One- and two-channel images show their
+first channel as grey; images of more than three channels show their first three as RGB.</p>
 {body}
 </body></html>
 """
@@ -83,26 +94,29 @@ def write_samples(directory, step: int, sheet: np.ndarray) -> epath.Path:
 RESULT_KINDS = ("real_A", "fake_B", "real_B")
 
 
-def write_result_images(directory, names, real_a, fake_b, real_b) -> None:
+def write_result_images(directory, names, real_a, fake_b, real_b, bits=(8, 8)) -> None:
   """Per-image results as the reference's test.py writes them: ``directory/images/<name>_<kind>.png``.
 
-  ``names`` are the images' file stems; the arrays NHWC in [-1, 1].
+  ``names`` are the images' file stems; the arrays NHWC in [-1, 1], written at
+  ``bits`` = (the input's, the target's) bit depth, as TIFF for channel counts
+  other than 1 and 3 (``images.encode``).
   """
   images_dir = epath.Path(directory) / "images"
   images_dir.mkdir(parents=True, exist_ok=True)
   for name, *arrays in zip(names, real_a, fake_b, real_b):
-    for kind, array in zip(RESULT_KINDS, arrays):
-      pixels = to_uint8(array)
-      with (images_dir / f"{name}_{kind}.png").open("wb") as file:
-        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(file, format="PNG")
+    for kind, array, depth in zip(RESULT_KINDS, arrays, (bits[0], bits[1], bits[1])):
+      path = images_dir / f"{name}_{kind}{images.extension(array.shape[-1])}"
+      path.write_bytes(images.encode(array, depth))
 
 
-def write_results_index(directory, names) -> epath.Path:
-  """``directory/index.html``: one row per image, its ``real_A | fake_B | real_B``."""
+def write_results_index(directory, names, channels=(3, 3)) -> epath.Path:
+  """``directory/index.html``: one row per image, its ``real_A | fake_B | real_B`` (``channels``: A's, B's)."""
   directory = epath.Path(directory)
+  suffixes = [images.extension(c) for c in (channels[0], channels[1], channels[1])]
   rows = "\n".join(
       f"<tr><td>{html.escape(name)}</td>" + "".join(
-          f'<td><img src="images/{html.escape(name)}_{kind}.png" alt="{kind}"></td>' for kind in RESULT_KINDS)
+          f'<td><img src="images/{html.escape(name)}_{kind}{suffix}" alt="{kind}"></td>'
+          for kind, suffix in zip(RESULT_KINDS, suffixes))
       + "</tr>" for name in names)
   title = f"p2p_jax results: {html.escape(directory.name)}"
   index = directory / "index.html"

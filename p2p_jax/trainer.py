@@ -209,8 +209,6 @@ def _train(config, workdir, pix2pix, stop: _StopRequest, mesh) -> train.TrainSta
   sample_fn = jax.jit(inference.make_translate_fn(pix2pix.generator, "eval"), out_shardings=replicated)
   samples = next(input_pipeline.make_eval_dataset(
       config, batch_size=config.num_sample_images, source=eval_source).as_numpy_iterator())
-  sample_inputs = parallel.replicate(samples["A"], replicated)
-  sample_indices = parallel.replicate(np.arange(len(samples["A"])), replicated)
   batches = input_pipeline.make_train_dataset(config, start_step=start_step,
                                               source=train_source).as_numpy_iterator()
 
@@ -219,7 +217,10 @@ def _train(config, workdir, pix2pix, stop: _StopRequest, mesh) -> train.TrainSta
   checkpoints = checkpoint.checkpoint_dir(workdir)
 
   def write_samples(state, step):
-    generated = parallel.to_host(sample_fn(state, sample_inputs, jax.random.key(0), sample_indices))
+    network = lambda images, indices: parallel.to_host(sample_fn(
+        state, parallel.replicate(images, replicated), jax.random.key(0), parallel.replicate(indices, replicated)))
+    generated = inference.generate(network, samples["A"], np.arange(len(samples["A"])),
+                                   multiple=inference.size_multiple(pix2pix.generator))
     sheet = summaries.sample_sheet(samples["A"], generated, samples["B"])
     if is_main:
       summaries.write_samples(workdir / summaries.SAMPLES_DIR, step, sheet)

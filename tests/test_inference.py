@@ -9,9 +9,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from p2p_jax import configuration, fid, images, inference, lpips, perceptual, train
+import tifffile
+
+from p2p_jax import configuration, fid, images, inference, lpips, perceptual, train, trainer
 from p2p_jax.datasets import synthetic
-from tests.conftest import tensorboard_events, tiny_config, tiny_pix2pix
+from tests.conftest import run_config, tensorboard_events, tiny_config, tiny_pix2pix
 
 
 def _save(path, mode, size, seed=0):
@@ -71,14 +73,6 @@ def test_one_image_with_an_older_checkpoint(inputs, translated, finished_run, tm
   assert not np.array_equal(_pixels(written[0]), _pixels(translated["eval"][2]))  # step 5's
 
 
-def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
-  levels = np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16)  # 0, 257, ..., 65535
-  Image.fromarray(levels).save(tmp_path / "depth.png")
-  rgb = np.asarray(images.read_rgb(tmp_path / "depth.png"))
-  expected = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=-1)
-  np.testing.assert_array_equal(rgb, expected)
-
-
 def test_every_unreadable_input_is_named_before_anything_is_written(inputs, finished_run, tmp_path):
   _, workdir = finished_run
   folder = tmp_path / "in"
@@ -89,7 +83,7 @@ def test_every_unreadable_input_is_named_before_anything_is_written(inputs, fini
   (folder / "cut.png").write_bytes(data[:len(data) // 2])
   out = tmp_path / "out"
   with pytest.raises(ValueError, match=(
-      rf"input_path={folder}: 2 of 3 images do not decode. Cannot read image {folder}/cut.png: .*; "
+      rf"input_path={folder}: 2 of 3 images cannot be translated. Cannot read image {folder}/cut.png: .*; "
       rf"Cannot read image {folder}/garbage.jpg: cannot identify image file")):
     inference.translate_paths(workdir, folder, out)
   assert not out.exists()
@@ -97,7 +91,7 @@ def test_every_unreadable_input_is_named_before_anything_is_written(inputs, fini
 
 @pytest.mark.parametrize("where, message", [
     ("missing", r"input_path={tmp}/missing.png: no such file or folder"),
-    ("empty", r"input_path={tmp}/empty: no .jpg/.jpeg/.png files in this folder"),
+    ("empty", r"input_path={tmp}/empty: no .jpg/.jpeg/.png/.tif/.tiff files in this folder"),
     ("same", r"output_dir={inputs} is the input folder: choose another folder"),
     ("file", r"output_dir={inputs}/wide.jpg is a file: give a folder"),
     ("batch", r"batch_size=0: must be positive"),
@@ -164,14 +158,14 @@ def test_evaluate_reports_fid_kid_lpips_and_writes_every_image(finished_run, eva
     assert events[f"test_eval/{name}"][5] == pytest.approx(results[name])
 
 
-def test_the_real_features_key_changes_with_any_file_the_size_or_the_direction():
+def test_the_real_features_key_changes_with_any_file_or_setting():
   files = [b"first image", b"second image"]
-  key = perceptual.real_features_key(files, 256, "AtoB")
-  assert key == perceptual.real_features_key(list(files), 256, "AtoB")
-  assert len({key, perceptual.real_features_key([b"first image", b"second imagE"], 256, "AtoB"),
-              perceptual.real_features_key(files[::-1], 256, "AtoB"),
-              perceptual.real_features_key(files, 128, "AtoB"),
-              perceptual.real_features_key(files, 256, "BtoA")}) == 5
+  key = perceptual.real_features_key(files, "256 AtoB")
+  assert key == perceptual.real_features_key(list(files), "256 AtoB")
+  assert len({key, perceptual.real_features_key([b"first image", b"second imagE"], "256 AtoB"),
+              perceptual.real_features_key(files[::-1], "256 AtoB"),
+              perceptual.real_features_key(files, "128 AtoB"),
+              perceptual.real_features_key(files, "256 BtoA")}) == 5
 
 
 def _copy_of(workdir, tmp_path):
@@ -285,3 +279,148 @@ def test_paper_mode_results_do_not_depend_on_the_batch_size(synthetic_dir):
     for name in ("l1", "psnr", "ssim"):
       assert results[size][name] == pytest.approx(results[1][name], rel=1e-5), (size, name)
   assert evaluate(3, seed=1)["l1"] != pytest.approx(results[1]["l1"], rel=1e-5), "the masks vary with the seed"
+
+
+def _eval_network(config):
+  pix2pix = tiny_pix2pix(config)
+  state = train.create_train_state(jax.random.key(0), pix2pix, configuration.image_shapes(config))
+  translate = jax.jit(inference.make_translate_fn(pix2pix.generator, "eval"))
+  return lambda images, indices: translate(state, images, jax.random.key(0), indices)
+
+
+def _smooth_image(height, width, seed=0):
+  noise = np.random.default_rng(seed).normal(size=(1, height, width, 3))
+  image = np.cumsum(np.cumsum(noise, 1), 2)
+  return np.tanh(3 * image / np.abs(image).max()).astype(np.float32)
+
+
+def test_generate_pads_any_size_to_the_networks_multiple_and_crops_back():
+  shapes = []
+  negate = lambda images, indices: shapes.append(images.shape) or -images
+  image = _smooth_image(37, 45)
+  np.testing.assert_array_equal(inference.generate(negate, image, np.zeros(1, int), multiple=32), -image)
+  assert shapes == [(1, 64, 64, 3)]
+
+
+def test_tiles_cover_the_image_with_weights_that_sum_to_one():
+  """A pointwise network gives the same image tiled as whole, whatever the tile grid."""
+  shapes = []
+  pointwise = lambda images, indices: shapes.append(images.shape) or np.tanh(2 * images[..., :2])
+  image = _smooth_image(150, 230)
+  tiled = inference.generate(pointwise, image, np.zeros(1, int), multiple=32, tile_size=64, overlap=16)
+  np.testing.assert_allclose(tiled, np.tanh(2 * image[..., :2]), atol=1e-6)
+  assert set(shapes) == {(1, 64, 64, 3)} and len(shapes) == 3 * 5  # 160x256 padded: 3 rows of 5 tiles
+
+
+def test_tiles_blend_without_seams():
+  """A U-Net tiled in 64 px squares against the whole image: the blended overlaps hide the tile edges.
+
+  Cut edge to edge (an overlap of one pixel) the tiles differ from the whole
+  image by about the output's own mean size; blended over 16 pixels, by 1%.
+  """
+  network = _eval_network(tiny_config())
+  image = _smooth_image(150, 230)
+  whole = inference.generate(network, image, np.zeros(1, int), multiple=32, tile_size=256)
+  scale = np.abs(whole).mean()
+  tiled = lambda overlap: inference.generate(network, image, np.zeros(1, int), multiple=32, tile_size=64,
+                                             overlap=overlap)
+  assert np.abs(tiled(16) - whole).mean() < 0.05 * scale
+  assert np.abs(tiled(1) - whole).mean() > 0.3 * scale
+
+
+def test_a_4000_by_3000_photo_translates_at_its_own_size_in_tiles(finished_run, tmp_path, monkeypatch):
+  _, workdir = finished_run
+  shapes = []
+  generate = inference._generate_tiled
+  monkeypatch.setattr(inference, "_generate_tiled",
+                      lambda translate, *args: generate(lambda x, i: shapes.append(x.shape) or translate(x, i),
+                                                        *args))
+  photo = tmp_path / "in" / "photo.jpg"
+  photo.parent.mkdir()
+  Image.fromarray((_smooth_image(3000, 4000)[0] * 127.5 + 127.5).astype(np.uint8)).save(photo)
+  written, = inference.translate_paths(workdir, photo, tmp_path / "out", size="native")
+  with Image.open(written) as result:
+    assert (result.size, result.mode) == ((4000, 3000), "RGB")
+  assert set(shapes) == {(1, inference.TILE_SIZE, inference.TILE_SIZE, 3)} and len(shapes) == 4 * 5
+
+
+@pytest.mark.parametrize("preprocess, size", [("resize_and_crop", (32, 32)), ("crop", (45, 37)),
+                                              ("none", (45, 37)), ("scale_width", (40, 32)),
+                                              ("scale_width_and_crop", (40, 32))])
+def test_eval_transform_is_the_deterministic_part_of_training(preprocess, size):
+  """(width, height) of a 45x37 image for crop_size 32 and load_size 40; B follows A's size."""
+  config = tiny_config()
+  config.preprocess, config.load_size = preprocess, 40
+  a, b = inference.input_pipeline.eval_transform(np.zeros((37, 45, 3), np.float32),
+                                                  np.zeros((20, 20, 1), np.float32), config)
+  assert (a.shape[1], a.shape[0]) == size and b.shape == (*a.shape[:2], 1)
+
+
+@pytest.fixture(scope="module")
+def band_run(synthetic_dir, tmp_path_factory):
+  """(config, workdir, data): 4-band 16-bit TIFFs (A) to 16-bit grey TIFFs (B) of 45x37, trained on crops.
+
+  input_nc=4, output_nc=1; B is the mean of A's bands.
+  """
+  data = tmp_path_factory.mktemp("bands")
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 3), ("test", 2)):
+    for folder in ("A", "B"):
+      (data / split / folder).mkdir(parents=True)
+    for i in range(count):
+      bands = rng.integers(0, 65536, (37, 45, 4), np.uint16)
+      tifffile.imwrite(data / split / "A" / f"{i}.tif", bands, photometric="minisblack", planarconfig="contig")
+      tifffile.imwrite(data / split / "B" / f"{i}.tif", bands.mean(-1).astype(np.uint16))
+  config = run_config(synthetic_dir, dataset=str(data), input_nc=4, output_nc=1, preprocess="crop",
+                      num_train_steps=2, checkpoint_every_steps=2, sample_every_steps=2)
+  workdir = tmp_path_factory.mktemp("band_run")
+  trainer.train_and_evaluate(config, workdir)
+  return config, workdir, data
+
+
+def test_a_band_run_evaluates_at_native_size_and_bit_depth(band_run):
+  _, workdir, _ = band_run
+  results = inference.evaluate_checkpoint(workdir, scorer=perceptual.Scorer(perceptual.Weights(None, None, [])))
+  assert results["num_images"] == 2 and np.isfinite(results["psnr"])
+  assert "missing_metrics" not in results  # grey images are scored (as RGB of three equal channels)
+  folder = workdir / inference.EVAL_DIR / "test_eval_step2" / "images"
+  real_a = tifffile.imread(folder / "0_real_A.tif")
+  assert real_a.shape == (37, 45, 4) and real_a.dtype == np.uint16
+  with Image.open(folder / "0_fake_B.png") as fake:
+    assert (fake.size, fake.mode) == ((45, 37), "I;16")
+
+
+def test_a_band_run_translates_at_the_inputs_size_and_bit_depth(band_run, tmp_path):
+  _, workdir, data = band_run
+  bands = np.random.default_rng(5).integers(0, 65536, (29, 51, 4), np.uint16)
+  tifffile.imwrite(tmp_path / "odd.tif", bands, photometric="minisblack", planarconfig="contig")
+  written, = inference.translate_paths(workdir, tmp_path / "odd.tif", tmp_path / "out")
+  assert written.name == "odd.png"
+  with Image.open(written) as result:
+    assert (result.size, result.mode) == ((51, 29), "I;16")
+    assert len(np.unique(np.asarray(result))) > 256  # 16-bit levels, not 8-bit ones scaled
+
+
+def test_a_band_model_names_an_input_of_other_channels(band_run, tmp_path):
+  _, workdir, _ = band_run
+  _save(tmp_path / "rgb.png", "RGB", (40, 40))
+  tifffile.imwrite(tmp_path / "five.tif", np.zeros((8, 8, 5), np.uint16), photometric="minisblack",
+                   planarconfig="contig")
+  with pytest.raises(ValueError, match=rf"2 of 2 images cannot be translated. Image {tmp_path}/five.tif: it has "
+                                       rf"5 channels, the model takes 4; Image {tmp_path}/rgb.png: it has 3 "
+                                       r"channels, the model takes 4"):
+    inference.translate_paths(workdir, tmp_path, tmp_path / "out")
+  assert not (tmp_path / "out").exists()
+
+
+def test_training_names_a_file_of_other_channels_before_it_starts(band_run, tmp_path):
+  config, _, data = band_run
+  tifffile.imwrite(data / "train" / "A" / "9.tif", np.zeros((37, 45, 3), np.uint16), photometric="rgb")
+  tifffile.imwrite(data / "train" / "B" / "9.tif", np.zeros((37, 45), np.uint16))
+  try:
+    with pytest.raises(ValueError, match=r"Image .*train/A/9.tif: it has 3 channels, the model takes 4 "
+                                         r"\(config.input_nc / config.output_nc\)"):
+      trainer.train_and_evaluate(config, tmp_path / "work")
+  finally:
+    (data / "train" / "A" / "9.tif").unlink()
+    (data / "train" / "B" / "9.tif").unlink()

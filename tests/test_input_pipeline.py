@@ -7,7 +7,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from p2p_jax import input_pipeline
+from p2p_jax import images, input_pipeline
 from tests.conftest import tiny_config
 
 N_TRAIN = 6
@@ -128,10 +128,32 @@ def test_halves_of_any_aspect_are_resized(tmp_path):
   assert _batches(_config(tmp_path), 1)[0]["A"].shape == (2, 32, 32, 3)
 
 
-@pytest.mark.parametrize("preprocess", ["resize_and_crop", "crop", "scale_width", "none"])
-def test_every_preprocess_mode_yields_crop_size(tmp_path, preprocess):
+@pytest.mark.parametrize("preprocess, shape", [
+    ("resize_and_crop", (32, 32)), ("crop", (32, 32)), ("scale_width_and_crop", (32, 32)),
+    # Whole images, as the reference, at the nearest multiple of the U-Net's 32: 40x45 -> 32x32,
+    # and scaled to width 40 (load_size), 35x40 -> 32x32; 70x90 -> 64x96, 62x80 -> 64x96.
+    ("none", (32, 32)), ("scale_width", (32, 32))])
+def test_every_preprocess_mode_yields_its_size(tmp_path, preprocess, shape):
   _write_pairs(tmp_path, "train", 2, height=40, width=90)
-  assert _batches(_config(tmp_path, preprocess=preprocess), 1)[0]["A"].shape == (2, 32, 32, 3)
+  config = _config(tmp_path, preprocess=preprocess, load_size=40)
+  assert _batches(config, 1)[0]["A"].shape == (2, *shape, 3)
+
+
+@pytest.mark.parametrize("preprocess, load_size, shape", [("none", 40, (64, 96)), ("scale_width", 90, (64, 96)),
+                                                         ("scale_width", 64, (64, 64))])
+def test_whole_image_modes_keep_the_aspect_at_the_networks_multiple(tmp_path, preprocess, load_size, shape):
+  _write_pairs(tmp_path, "train", 2, height=70, width=180)
+  config = _config(tmp_path, preprocess=preprocess, load_size=load_size)
+  assert _batches(config, 1)[0]["A"].shape == (2, *shape, 3)
+
+
+def test_whole_image_modes_refuse_a_batch_of_two_sizes(tmp_path):
+  _write_pairs(tmp_path, "train", 1, height=40, width=90)
+  Image.fromarray(_pair(1, height=70, width=180)).save(tmp_path / "train" / "wide.png")
+  with pytest.raises(ValueError, match=r"config.preprocess='none' trains on whole images.*batch_size=2.*"
+                                       r"0.png becomes 32x32 but wide.png 64x96"):
+    input_pipeline.make_train_dataset(_config(tmp_path, preprocess="none"))
+  input_pipeline.make_train_dataset(_config(tmp_path, preprocess="none", batch_size=1))
 
 
 def test_eval_dataset_is_ordered_unjittered_and_keeps_the_last_batch(folder):
@@ -214,14 +236,16 @@ def test_an_odd_width_pair_gives_b_the_extra_column(tmp_path):
   path = tmp_path / "pair.png"
   Image.fromarray(pair).save(path)
   encoded = tf.io.read_file(str(path))
-  a, b = input_pipeline._decode_pair(encoded, tf.constant(b""), side_by_side=True, direction="AtoB")
+  source = input_pipeline.PairSource("pairs", ["pair.png"], None, side_by_side=True)
+  a, b = input_pipeline._decode_pair(encoded, tf.constant(b""), source, _config("unused"))
   expected_a, expected_b = ref.split_ab(Image.open(path))
   np.testing.assert_array_equal(a, np.asarray(expected_a))
   np.testing.assert_array_equal(b, np.asarray(expected_b))
   assert b.shape == (20, 21, 3) and np.all(np.asarray(b)[:, -1] == 255)
 
 
-@pytest.mark.parametrize("preprocess, size", [("resize_and_crop", (53, 41)), ("crop", (50, 44))])
+@pytest.mark.parametrize("preprocess, size", [("resize_and_crop", (53, 41)), ("crop", (50, 44)),
+                                              ("scale_width_and_crop", (53, 41))])
 @pytest.mark.parametrize("example", range(4))
 def test_jitter_is_the_references_resize_crop_and_flip(preprocess, size, example):
   """On textured images, A and B as the reference's get_transform makes them with the same crop and flip.
@@ -239,12 +263,61 @@ def test_jitter_is_the_references_resize_crop_and_flip(preprocess, size, example
   a, b = texture(), texture()
   seed = input_pipeline._fold_in(tf.constant([config.seed, 0], tf.int64), 0, example)
   ours_a, ours_b = input_pipeline._jitter(tf.constant(a), tf.constant(b), config, seed)
-  resized = (config.load_size, config.load_size) if preprocess == "resize_and_crop" else a.shape[:2]
+  resized = {"resize_and_crop": (config.load_size, config.load_size), "crop": a.shape[:2],
+             "scale_width_and_crop": (int(max(config.load_size * size[1] / size[0], 32)), config.load_size)}[preprocess]
   top, left, flip = (int(v) for v in input_pipeline.jitter_params(*resized, config, seed))
   params = {"crop_pos": (left, top), "flip": bool(flip)}
   for ours, image in ((ours_a, a), (ours_b, b)):
     theirs = ref.reference_transform(Image.fromarray(image), params, preprocess, config.load_size,
                                      config.crop_size)
     assert ours.shape == theirs.shape == (32, 32, 3)
-    error = np.abs(np.asarray(input_pipeline._to_unit_range(ours)) - theirs)
+    error = np.abs(np.asarray(images.to_unit_range(ours, 8)) - theirs)
     assert error.mean() < 0.02 and error.max() < 0.25, (error.mean(), error.max())
+
+
+def _write_grey16(path, levels):
+  tf.io.write_file(str(path), tf.io.encode_png(levels[..., None].astype(np.uint16)))
+
+
+def test_sixteen_bit_grey_pairs_keep_their_precision(tmp_path):
+  """Levels 1000 apart by 1 stay apart: scaled by 65535, not clipped to 8 bits."""
+  levels = (1000 + np.arange(32 * 32)).reshape(32, 32)
+  for split in ("train", "test"):
+    for side in ("A", "B"):
+      (tmp_path / split / side).mkdir(parents=True)
+      for i in range(2):
+        _write_grey16(tmp_path / split / side / f"{i}.png", levels if side == "A" else 65535 - levels)
+  config = _config(tmp_path, input_nc=1, output_nc=1, preprocess="crop", no_flip=True)
+  batch = _batches(config, 1)[0]
+  assert batch["A"].shape == batch["B"].shape == (2, 32, 32, 1)
+  np.testing.assert_allclose(batch["A"][0, ..., 0], levels / 32767.5 - 1, atol=1e-6)
+  np.testing.assert_allclose(batch["B"][0, ..., 0], (65535 - levels) / 32767.5 - 1, atol=1e-6)
+  evaluated = next(input_pipeline.make_eval_dataset(config).as_numpy_iterator())
+  np.testing.assert_allclose(evaluated["A"][0, ..., 0], levels / 32767.5 - 1, atol=1e-6)
+
+
+def test_a_sixteen_bit_file_among_eight_bit_ones_is_named(folder):
+  _write_grey16(folder / "train" / "9.png", np.zeros((20, 40)))
+  with pytest.raises(ValueError, match=r"Image .*train/9.png is 16-bit but .*train/0.png in the same folder is "
+                                       r"8-bit: the images of a folder share one bit depth"):
+    input_pipeline.make_train_dataset(_config(folder))
+
+
+def test_rgb_pairs_feed_a_grey_model_its_luma(folder):
+  batch = _batches(_config(folder, input_nc=1), 1)[0]
+  assert batch["A"].shape == (2, 32, 32, 1) and batch["B"].shape == (2, 32, 32, 3)
+  np.testing.assert_allclose(batch["A"] + batch["B"][..., :1], 0.0, atol=0.02)  # grey A is still B's negative
+
+
+def test_eval_batches_hold_images_of_one_size_and_every_image_once(tmp_path):
+  _write_pairs(tmp_path, "test", 3, height=40, width=90)
+  for i in (3, 4):
+    Image.fromarray(_pair(i, height=70, width=180)).save(tmp_path / "test" / f"{i}.png")
+  batches = list(input_pipeline.make_eval_dataset(_config(tmp_path, preprocess="none"), batch_size=2)
+                 .as_numpy_iterator())
+  shapes = [b["A"].shape for b in batches]
+  assert sorted(shapes) == [(1, 40, 45, 3), (2, 40, 45, 3), (2, 70, 90, 3)]
+  assert sorted(i for b in batches for i in b["index"]) == [0, 1, 2, 3, 4]
+  for b in batches:
+    assert [f.decode() for f in b["filename"]] == [f"{i}.png" for i in b["index"]]
+    assert _indices(b["A"]) == list(b["index"])
