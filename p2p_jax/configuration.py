@@ -17,6 +17,7 @@ import ml_collections
 from p2p_jax import layers, models, recipe, train
 
 DIRECTIONS = ("AtoB", "BtoA")
+DATASET_MODES = ("aligned", "colorization")
 PREPROCESS_MODES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
 NORMS = ("batch", "instance", "none")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -52,6 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
   # any N, from files of exactly N channels (e.g. TIFF samples or pages).
   config.input_nc = 3
   config.output_nc = 3
+  # aligned: A and B pairs. colorization: the reference's, from plain colour
+  # photos (<split>/*.jpg): L in (input_nc=1), ab out (output_nc=2), CIE Lab.
+  config.dataset_mode = "aligned"
   config.preprocess = "resize_and_crop"  # resize_and_crop | crop | scale_width | none
   config.load_size = 286
   config.crop_size = 256
@@ -193,11 +197,15 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
   if config.num_train_steps <= 0 and config.num_epochs < 1:
     raise ValueError(f"config.num_epochs={config.num_epochs} with config.num_train_steps="
                      f"{config.num_train_steps}: set one of them to a positive number.")
-  for key, choices in (("direction", DIRECTIONS), ("preprocess", PREPROCESS_MODES), ("model.norm", NORMS),
+  for key, choices in (("direction", DIRECTIONS), ("dataset_mode", DATASET_MODES), ("preprocess", PREPROCESS_MODES), ("model.norm", NORMS),
                        ("model.dtype", DTYPES), ("model.conv_impl", layers.CONV_IMPLS),
                        ("model.upconv_impl", layers.UPCONV_IMPLS), ("optim.lr_update", recipe.LR_UPDATES)):
     if flat[key] not in choices:
       raise ValueError(f"config.{key} must be one of {tuple(choices)}, got {flat[key]!r}")
+  if config.dataset_mode == "colorization" and (config.input_nc, config.output_nc, config.direction) != (1, 2, "AtoB"):
+    raise ValueError(f"config.dataset_mode='colorization' translates L to ab: it needs config.input_nc=1, "
+                     f"config.output_nc=2 and config.direction='AtoB', got {config.input_nc}, "
+                     f"{config.output_nc} and {config.direction!r}.")
   if not 0 <= config.model.n_layers_d <= 8:
     raise ValueError(f"config.model.n_layers_d must be in [0, 8], got {config.model.n_layers_d!r}")
   if config.preprocess in ("resize_and_crop", "scale_width_and_crop") and config.crop_size > config.load_size:

@@ -20,7 +20,7 @@ from PIL import Image
 import tensorflow as tf
 import tqdm
 
-from p2p_jax import checkpoint, images, input_pipeline, metrics, perceptual, recipe, summaries, train
+from p2p_jax import checkpoint, colour, images, input_pipeline, metrics, perceptual, recipe, summaries, train
 
 EVAL_DIR = "eval"
 REAL_FEATURES_DIR = "real_features"  # In EVAL_DIR: each split's real Inception features, by what they depend on.
@@ -48,7 +48,6 @@ def make_translate_fn(generator, mode: str):
 
 
 TILE_SIZE = 1024  # Larger images translate in overlapping tiles of this side: bounded memory.
-TILE_OVERLAP = 128
 
 
 def _pad_to_multiple(images: np.ndarray, multiple: int) -> Tuple[np.ndarray, Tuple[int, int]]:
@@ -78,19 +77,21 @@ def _ramp(length: int, start: int, side: int, overlap: int) -> np.ndarray:
 
 
 def generate(translate: Callable, images: np.ndarray, indices: np.ndarray, *, multiple: int,
-             tile_size: int = TILE_SIZE, overlap: int = TILE_OVERLAP) -> np.ndarray:
+             tile_size: int = TILE_SIZE, overlap: Optional[int] = None) -> np.ndarray:
   """The generator's outputs for NHWC ``images`` of any size, at that size.
 
   ``translate(batch, indices)`` runs the network on sides that are multiples
   of ``multiple`` (``make_translate_fn``). Images are reflect-padded to such
   sides and the outputs cropped back. An image with a side over ``tile_size``
-  runs tile by tile (``tile_size`` squares, ``overlap`` pixels shared and
-  blended linearly), so memory is bounded whatever its size; in ``"paper"``
+  runs tile by tile (``tile_size`` squares, ``overlap`` pixels, by default an
+  eighth of a tile, shared and blended linearly), so memory is bounded
+  whatever its size; in ``"paper"``
   mode each tile is then normalised with its own statistics.
   """
-  if tile_size % multiple or overlap >= tile_size:
+  overlap = tile_size // 8 if overlap is None else overlap
+  if tile_size % multiple or not 0 < overlap < tile_size:
     raise ValueError(f"tile_size={tile_size} must be a multiple of {multiple} (the network's) and larger "
-                     f"than the overlap, {overlap}.")
+                     f"than the overlap, {overlap} (at least 1).")
   _, height, width, _ = images.shape
   padded, (top, left) = _pad_to_multiple(np.asarray(images, np.float32), multiple)
   if max(padded.shape[1:3]) <= tile_size:
@@ -114,6 +115,21 @@ def _generate_tiled(translate, image: np.ndarray, index, tile_size: int, overlap
   return total / weight
 
 
+def viewable(config: ml_collections.ConfigDict, source, image) -> np.ndarray:
+  """``image``, the model's output or target for ``source``, as the image it stands for.
+
+  In colorization mode, the RGB image of L (``source``) and ab (``image``);
+  otherwise ``image`` itself. Metrics, sheets and written results use it.
+  """
+  if config.dataset_mode == "colorization":
+    return colour.to_rgb(source, image)
+  return np.asarray(image)
+
+
+def viewable_channels(config: ml_collections.ConfigDict) -> int:
+  return 3 if config.dataset_mode == "colorization" else config.output_nc
+
+
 def size_multiple(generator) -> int:
   """What the sides of ``generator``'s input must be a multiple of: its ``size_multiple``, else 1."""
   return int(getattr(generator, "size_multiple", 1))
@@ -133,7 +149,8 @@ def evaluate(state: train.TrainState, generator, config: ml_collections.ConfigDi
              source: Optional[input_pipeline.PairSource] = None) -> Tuple[Dict[str, float], np.ndarray]:
   """Mean L1, PSNR and SSIM over a split (and FID, KID, LPIPS with ``scorer``), and a sample sheet.
 
-  Each image is translated at the size ``input_pipeline.eval_transform``
+  Scores are of the ``viewable`` images (RGB in colorization mode). Each
+  image is translated at the size ``input_pipeline.eval_transform``
   gives it (``generate``). Single-process; ``seed`` draws the dropout masks in
   ``"paper"`` mode. ``results_dir``: where to write every image's ``real_A``,
   ``fake_B`` and ``real_B`` with an index.html
@@ -145,8 +162,8 @@ def evaluate(state: train.TrainState, generator, config: ml_collections.ConfigDi
   if source is None:
     source = (input_pipeline.pair_source(config, split) if split else
               input_pipeline.pair_source(config, config.eval_split, named_by="config.eval_split"))
-  if scorer is not None and perceptual.unscorable(config.output_nc):
-    logging.warning("%s.", perceptual.unscorable(config.output_nc))
+  if scorer is not None and perceptual.unscorable(viewable_channels(config)):
+    logging.warning("%s.", perceptual.unscorable(viewable_channels(config)))
     scorer = None
   names = result_names(source.filenames)
   dataset = input_pipeline.make_eval_dataset(config, batch_size=batch_size, source=source)
@@ -157,18 +174,19 @@ def evaluate(state: train.TrainState, generator, config: ml_collections.ConfigDi
     for batch in dataset.as_numpy_iterator():
       n = len(batch["A"])
       generated = generate(run, batch["A"], batch["index"], multiple=size_multiple(generator))
-      for name, values in jax.device_get(metrics.image_metrics(generated, batch["B"])).items():
+      generated, target = viewable(config, batch["A"], generated), viewable(config, batch["A"], batch["B"])
+      for name, values in jax.device_get(metrics.image_metrics(generated, target)).items():
         totals[name] = totals.get(name, 0.0) + float(np.sum(values))
       if scorer is not None:
-        scorer.add(generated, batch["B"])
+        scorer.add(generated, target)
       if results_dir is not None:
         summaries.write_result_images(results_dir, [names[i] for i in batch["index"]], batch["A"], generated,
-                                      batch["B"], source.model_bits(config.direction))
+                                      target, source.model_bits(config.direction))
       count += n
       bar.update(n)
       if (sum(len(p[0]) for p in sheet_parts) < config.num_sample_images
           and (not sheet_parts or sheet_parts[0][0].shape[1:] == batch["A"].shape[1:])):
-        sheet_parts.append((batch["A"], generated, batch["B"]))
+        sheet_parts.append((batch["A"], generated, target))
   if not count:
     raise ValueError(f"The eval split {split or config.eval_split!r} of {config.dataset!r} is empty.")
   columns = [np.concatenate(c)[:config.num_sample_images] for c in zip(*sheet_parts)]
@@ -177,7 +195,7 @@ def evaluate(state: train.TrainState, generator, config: ml_collections.ConfigDi
     means.update(scorer.results())
   means["num_images"] = count
   if results_dir is not None:
-    summaries.write_results_index(results_dir, names, (config.input_nc, config.output_nc))
+    summaries.write_results_index(results_dir, names, (config.input_nc, viewable_channels(config)))
   return means, summaries.sample_sheet(*columns)
 
 
@@ -261,16 +279,20 @@ def translate_paths(workdir, input_path, output_dir, *, step: Optional[int] = No
     if max(batch.shape[1:3]) <= TILE_SIZE:
       batch = np.concatenate([batch, np.zeros((batch_size - len(group), *batch.shape[1:]), np.float32)])
     indices = np.arange(len(batch)) + group[0][0]
-    for (_, (path, info), _), result in zip(group, generate(network, batch, indices, multiple=multiple)):
+    for (_, (path, info), source), result in zip(group, generate(network, batch, indices, multiple=multiple)):
       if result.shape[:2] != (info.height, info.width):
         result = tf.image.resize(result, (info.height, info.width), method="bicubic").numpy()
+        source = None
+      if config.dataset_mode == "colorization":  # the ab at the photo's size, with its own L
+        source = source if source is not None else _model_input(path, info, config)
+        result = viewable(config, source, result)
       target = output_dir / f"{path.stem}{images.extension(result.shape[-1])}"
       target.write_bytes(images.encode(result, info.bits))
       written.append(target)
     group.clear()
 
   for index, (path, info) in enumerate(listed):
-    image = images.to_unit_range(images.read(path, config.input_nc, info), info.bits)
+    image = _model_input(path, info, config)
     if size == "train":
       image, _ = input_pipeline.eval_transform(image, None, config)
     image = np.asarray(image)
@@ -282,6 +304,14 @@ def translate_paths(workdir, input_path, output_dir, *, step: Optional[int] = No
   if group:
     flush()
   return written
+
+
+def _model_input(path, info: images.ImageInfo, config: ml_collections.ConfigDict) -> np.ndarray:
+  """The image at ``path`` as the model takes it: in [-1, 1] with its channels (L in colorization mode)."""
+  if config.dataset_mode == "colorization":
+    rgb = images.read(path, 3, info) / float(2 ** info.bits - 1)
+    return np.asarray(colour.to_model(np.clip(rgb, 0.0, 1.0))[0])
+  return np.asarray(images.to_unit_range(images.read(path, config.input_nc, info), info.bits))
 
 
 def evaluate_checkpoint(workdir, *, step: Optional[int] = None, split: Optional[str] = None,
@@ -316,7 +346,7 @@ def evaluate_checkpoint(workdir, *, step: Optional[int] = None, split: Optional[
   out = checkpoint.workdir_path(workdir) / EVAL_DIR
   out.mkdir(parents=True, exist_ok=True)
   cache = None
-  if scorer.weights.inception is not None and not perceptual.unscorable(config.output_nc):
+  if scorer.weights.inception is not None and not perceptual.unscorable(viewable_channels(config)):
     cache = out / REAL_FEATURES_DIR / f"{_real_features_key(source, config)}.npy"
     if scorer.needs_real_features and cache.exists():
       with cache.open("rb") as file:
@@ -330,7 +360,7 @@ def evaluate_checkpoint(workdir, *, step: Optional[int] = None, split: Optional[
     with cache.open("wb") as file:
       np.save(file, scorer.real_features())
   results = {"step": step, "split": split, "mode": mode, "dataset": config.dataset, **means}
-  missing = scorer.weights.missing + [m for m in [perceptual.unscorable(config.output_nc)] if m]
+  missing = scorer.weights.missing + [m for m in [perceptual.unscorable(viewable_channels(config))] if m]
   if missing:
     results["missing_metrics"] = missing
 
@@ -347,8 +377,8 @@ def evaluate_checkpoint(workdir, *, step: Optional[int] = None, split: Optional[
 def _real_features_key(source: input_pipeline.PairSource, config: ml_collections.ConfigDict) -> str:
   """The split's files read as bytes (cheap next to the features): a changed file is a new key."""
   encoded = (b"".join(t.numpy() for t in source.read(tf.constant(i))) for i in range(source.num_examples))
-  settings = (f"{config.preprocess} {config.load_size} {config.crop_size} {config.direction} "
-              f"{config.input_nc} {config.output_nc}")
+  settings = (f"{config.dataset_mode} {config.preprocess} {config.load_size} {config.crop_size} "
+              f"{config.direction} {config.input_nc} {config.output_nc}")
   return perceptual.real_features_key(encoded, settings)
 
 

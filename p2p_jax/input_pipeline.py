@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from p2p_jax import images, models
+from p2p_jax import colour, images, models
 from p2p_jax.datasets import pix2pix, synthetic
 
 
@@ -106,7 +106,14 @@ def _folder_source(root: pathlib.Path, split: str, named_by: str, config: ml_col
     a_channels, b_channels = b_channels, a_channels
   split_dir = root / split
   a_dir, b_dir = split_dir / "A", split_dir / "B"
-  if a_dir.is_dir() and b_dir.is_dir():
+  if config.dataset_mode == "colorization":  # colour photos, each its own L and ab
+    files = images.image_files(split_dir) if split_dir.is_dir() else []
+    if not files:
+      raise ValueError(f"{named_by}={split!r}: no images in {split_dir} for config.dataset_mode='colorization', "
+                       f"which reads colour photos {split_dir}/*{{{','.join(images.IMAGE_EXTENSIONS)}}}.")
+    files, file_bits, sizes = _check_images(files, False, skip_bad_files, (3,))
+    pairs, side_by_side, bits = (files, None), False, (file_bits, file_bits)
+  elif a_dir.is_dir() and b_dir.is_dir():
     a_files = images.image_files(a_dir)
     b_names = {p.name for p in images.image_files(b_dir)}
     missing = [p.name for p in a_files if p.name not in b_names]
@@ -186,6 +193,9 @@ def pair_source(config: ml_collections.ConfigDict, split: str, *, named_by: str 
   if config.dataset == "synthetic":
     return _folder_source(synthetic.ensure_dataset(config.data_dir, config.seed), split, named_by, config)
   if config.dataset.startswith("pix2pix/"):
+    if config.dataset_mode == "colorization":
+      raise ValueError(f"config.dataset_mode='colorization' reads a folder of colour photos, not "
+                       f"config.dataset={config.dataset!r}.")
     return _tfds_source(config.dataset, split, named_by, config.data_dir, config.verify_checksums)
   root = pathlib.Path(config.dataset).expanduser()
   if not root.is_dir():
@@ -212,7 +222,13 @@ def steps_per_epoch(config: ml_collections.ConfigDict, source: Optional[PairSour
 
 
 def _decode_pair(encoded_a, encoded_b, source: PairSource, config: ml_collections.ConfigDict):
-  """The model's (input, target) as float32 in their files' range, with config.input_nc / output_nc channels."""
+  """The model's (input, target) as float32 in their files' range, with config.input_nc / output_nc channels.
+
+  In colorization mode both are the photo in RGB, which ``_to_model_range`` splits into L and ab.
+  """
+  if config.dataset_mode == "colorization":
+    rgb = images.to_channels(tf.cast(images.decode(encoded_a, source.bits[0]), tf.float32), 3)
+    return rgb, rgb
   if source.side_by_side:
     ab = images.decode(encoded_a, source.bits[0])
     half = tf.shape(ab)[1] // 2  # B takes the odd column, as the reference's AB.crop((w2, 0, w, h)).
@@ -311,6 +327,13 @@ def eval_transform(a, b, config: ml_collections.ConfigDict):
   return fit(a), (None if b is None else fit(b))
 
 
+def _to_model_range(a, b, bits: Tuple[int, int], config: ml_collections.ConfigDict):
+  """The transformed pair in [-1, 1]: by the files' range, or as the reference's L / 50 - 1 and ab / 110."""
+  if config.dataset_mode == "colorization":
+    return colour.to_model(tf.clip_by_value(a / float(2 ** bits[0] - 1), 0.0, 1.0))
+  return images.to_unit_range(a, bits[0]), images.to_unit_range(b, bits[1])
+
+
 def _fold_in(seed, *data):
   for value in data:
     seed = tf.random.experimental.stateless_fold_in(seed, value)
@@ -380,7 +403,8 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0
   def load(epoch, index):
     a, b = _decode_pair(*source.read(index), source, config)
     a, b = _jitter(a, b, config, _fold_in(tf.constant([config.seed, 0], tf.int64), epoch, index))
-    return {"A": images.to_unit_range(a, bits[0]), "B": images.to_unit_range(b, bits[1])}
+    a, b = _to_model_range(a, b, bits, config)
+    return {"A": a, "B": b}
 
   options = tf.data.Options()
   options.deterministic = True
@@ -407,8 +431,8 @@ def make_eval_dataset(config: ml_collections.ConfigDict, *, batch_size: Optional
   batch_size = batch_size or config.batch_size
 
   def load(index):
-    a, b = eval_transform(*_decode_pair(*source.read(index), source, config), config)
-    return {"A": images.to_unit_range(a, bits[0]), "B": images.to_unit_range(b, bits[1]),
+    a, b = _to_model_range(*eval_transform(*_decode_pair(*source.read(index), source, config), config), bits, config)
+    return {"A": a, "B": b,
             "filename": tf.gather(filenames, index), "index": index}
 
   def shape_key(example):

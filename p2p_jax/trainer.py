@@ -221,7 +221,8 @@ def _train(config, workdir, pix2pix, stop: _StopRequest, mesh) -> train.TrainSta
         state, parallel.replicate(images, replicated), jax.random.key(0), parallel.replicate(indices, replicated)))
     generated = inference.generate(network, samples["A"], np.arange(len(samples["A"])),
                                    multiple=inference.size_multiple(pix2pix.generator))
-    sheet = summaries.sample_sheet(samples["A"], generated, samples["B"])
+    sheet = summaries.sample_sheet(samples["A"], inference.viewable(config, samples["A"], generated),
+                                   inference.viewable(config, samples["A"], samples["B"]))
     if is_main:
       summaries.write_samples(workdir / summaries.SAMPLES_DIR, step, sheet)
     writer.write_images(step, {"samples": sheet[None]})

@@ -15,6 +15,10 @@ from tests.conftest import tiny_config
     (dict(batch_size=3), r"config.batch_size=3 must be a positive multiple of the number of devices, 2 "
                          r"\(2 process\(es\) x 1 local device\(s\)\)"),
     (dict(batch_size=0), r"config.batch_size must be a positive int, got 0"),
+    (dict(input_nc=0), r"config.input_nc must be a positive int, got 0"),
+    (dict(dataset_mode="colorization"), r"config.dataset_mode='colorization' translates L to ab: it needs "
+                                        r"config.input_nc=1, config.output_nc=2 and config.direction='AtoB', got 3, 3"),
+    (dict(dataset_mode="unaligned"), r"config.dataset_mode must be one of \('aligned', 'colorization'\)"),
     (dict(num_train_steps=-1, num_epochs=0),
      r"config.num_epochs=0 with config.num_train_steps=-1: set one of them to a positive number"),
 ])

@@ -11,7 +11,7 @@ import pytest
 
 import tifffile
 
-from p2p_jax import configuration, fid, images, inference, lpips, perceptual, train, trainer
+from p2p_jax import colour, configuration, fid, images, inference, lpips, perceptual, train, trainer
 from p2p_jax.datasets import synthetic
 from tests.conftest import run_config, tensorboard_events, tiny_config, tiny_pix2pix
 
@@ -424,3 +424,48 @@ def test_training_names_a_file_of_other_channels_before_it_starts(band_run, tmp_
   finally:
     (data / "train" / "A" / "9.tif").unlink()
     (data / "train" / "B" / "9.tif").unlink()
+
+
+@pytest.fixture(scope="module")
+def colorization_run(synthetic_dir, tmp_path_factory):
+  """(workdir, data): the reference's colorization mode on the synthetic set's B photos, 2 steps."""
+  data = tmp_path_factory.mktemp("photos")
+  root = synthetic.ensure_dataset(str(synthetic_dir), 0)
+  for split in ("train", "test"):
+    (data / split).mkdir()
+    for path in sorted((root / split).iterdir())[:3]:
+      with Image.open(path) as pair:
+        pair.crop((pair.width // 2, 0, pair.width, pair.height)).save(data / split / path.name)
+  config = run_config(synthetic_dir, dataset=str(data), dataset_mode="colorization", input_nc=1, output_nc=2,
+                      num_train_steps=2, checkpoint_every_steps=2, sample_every_steps=2)
+  workdir = tmp_path_factory.mktemp("colorization_run")
+  trainer.train_and_evaluate(config, workdir)
+  return workdir, data
+
+
+def test_colorization_scores_and_writes_rgb(colorization_run):
+  workdir, _ = colorization_run
+  results = inference.evaluate_checkpoint(workdir, scorer=perceptual.Scorer(perceptual.Weights(None, None, [])))
+  assert results["num_images"] == 3 and "missing_metrics" not in results
+  folder = workdir / inference.EVAL_DIR / "test_eval_step2" / "images"
+  name = sorted(folder.iterdir())[0].name.rsplit("_", 2)[0]
+  modes = {}
+  for kind in ("real_A", "fake_B", "real_B"):
+    with Image.open(folder / f"{name}_{kind}.png") as image:
+      modes[kind] = (image.mode, image.size)
+  assert modes == {"real_A": ("L", (32, 32)), "fake_B": ("RGB", (32, 32)), "real_B": ("RGB", (32, 32))}
+
+
+def test_colorization_translates_a_photo_keeping_its_lightness(colorization_run, tmp_path):
+  """The output is RGB at the photo's size, of the photo's own L (the model gives only ab)."""
+  workdir, data = colorization_run
+  photo = sorted((data / "test").iterdir())[0]
+  with Image.open(photo) as image:
+    big = image.resize((75, 50), Image.Resampling.BICUBIC)
+  big.save(tmp_path / "photo.png")
+  written, = inference.translate_paths(workdir, tmp_path / "photo.png", tmp_path / "out")
+  with Image.open(written) as result:
+    assert (result.mode, result.size) == ("RGB", (75, 50))
+    lightness = lambda x: np.asarray(colour.rgb_to_lab(np.asarray(x, np.float32) / 255))[..., 0]
+    difference = np.abs(lightness(result) - lightness(big))
+  assert np.median(difference) < 1.0, np.median(difference)  # L in [0, 100]; out-of-gamut ab clip some

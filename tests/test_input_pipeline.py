@@ -321,3 +321,16 @@ def test_eval_batches_hold_images_of_one_size_and_every_image_once(tmp_path):
   for b in batches:
     assert [f.decode() for f in b["filename"]] == [f"{i}.png" for i in b["index"]]
     assert _indices(b["A"]) == list(b["index"])
+
+
+def test_colorization_reads_photos_as_l_in_and_ab_out(tmp_path):
+  """A red photo: L = 53.24 -> 0.065, ab = (80.09, 67.20) / 110, as the reference's colorization dataset."""
+  (tmp_path / "train").mkdir()
+  for i in range(2):
+    Image.fromarray(np.full((40, 44, 3), (255, 0, 0), np.uint8)).save(tmp_path / "train" / f"{i}.jpg", quality=100)
+  config = _config(tmp_path, dataset_mode="colorization", input_nc=1, output_nc=2)
+  batch = _batches(config, 1)[0]
+  assert batch["A"].shape == (2, 32, 32, 1) and batch["B"].shape == (2, 32, 32, 2)
+  np.testing.assert_allclose(batch["A"], 53.24 / 50 - 1, atol=0.02)
+  np.testing.assert_allclose(batch["B"][..., 0], 80.09 / 110, atol=0.03)
+  np.testing.assert_allclose(batch["B"][..., 1], 67.20 / 110, atol=0.03)
