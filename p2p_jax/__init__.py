@@ -53,7 +53,7 @@ _EXPORTS = {
     "export_generator": "export",
 }
 _RENAMED = {"check_config": "check"}
-_MODULES = ("checkpoint", "configuration", "export", "fid", "images", "inference", "input_pipeline", "layers",
+_MODULES = ("checkpoint", "colour", "configuration", "export", "fid", "images", "inference", "input_pipeline", "layers",
             "losses", "locking", "lpips", "metrics", "models", "perceptual", "progress", "recipe", "runtime",
             "summaries", "torch_files", "train", "trainer")
 __all__ = sorted(_EXPORTS) + list(_MODULES)
