@@ -140,3 +140,31 @@ def test_the_evaluate_commands_run_as_written_and_report_the_fields_metrics(fini
   assert all(np.isfinite(plain[key]) for key in ("fid", "kid", "lpips", "l1", "psnr", "ssim"))
   assert (tmp_path / "runs" / "demo" / "eval" / f"test_eval_step{plain['step']}" / "index.html").is_file()
   assert every["best_step"] in {r["step"] for r in every["checkpoints"]}
+
+
+def test_the_channels_section_trains_on_16_bit_grey_pairs_and_translates_at_native_size(finished_run, tmp_path):
+  """The README's commands of "Channels, bit depth and image sizes" as written, on small stand-ins.
+
+  The training line gets a tiny network and two steps appended (the README's trains the paper's U-Net
+  for 200 epochs); the data, the scan and the photo are made here.
+  """
+  section = README[README.index("### Channels, bit depth and image sizes"):README.index("## Translating and evaluating")]
+  train, scan, native = re.findall(r"^(python -m experiments\.\S+ (?:.*\\\n)?.*)$", section, re.M)
+  levels = np.random.default_rng(0).integers(0, 65536, (40, 40), np.uint16)
+  for split in ("train", "test"):
+    for side in ("A", "B"):
+      (tmp_path / "data" / "depth" / split / side).mkdir(parents=True)
+      Image.fromarray(levels if side == "A" else 65535 - levels).save(tmp_path / "data" / "depth" / split / side / "0.png")
+  Image.fromarray(levels).resize((4000, 3000)).save(tmp_path / "scan_4000x3000.png")
+  Image.fromarray(np.zeros((30, 45, 3), np.uint8)).save(tmp_path / "photo.jpg")
+  shutil.copytree(finished_run[1], tmp_path / "runs" / "demo")
+  train = train.replace("\\\n", " ").replace("experiments/configs/default.py", str(ROOT / "experiments/configs/default.py"))
+  train = train.replace("/data/depth", str(tmp_path / "data" / "depth"))
+  small = ("--config.batch_size=1 --config.crop_size=32 --config.load_size=36 --config.model.num_downs=5 "
+           "--config.model.ngf=8 --config.model.ndf=8 --config.num_train_steps=2")
+  for line in (f"{train} {small}", scan, native):
+    _python(shlex.split(line)[1:], tmp_path, tmp_path)
+  with Image.open(tmp_path / "runs" / "depth" / "out" / "scan_4000x3000.png") as result:
+    assert (result.mode, result.size) == ("I;16", (4000, 3000))
+  with Image.open(tmp_path / "runs" / "demo" / "native" / "photo.png") as result:
+    assert (result.mode, result.size) == ("RGB", (45, 30))
