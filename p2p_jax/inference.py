@@ -275,30 +275,27 @@ def translate_paths(workdir, input_path, output_dir, *, step: Optional[int] = No
 
   def flush():
     """Translates the group (images of one shape) in one call, padded to batch_size: one compilation."""
-    batch = np.stack([image for _, _, image in group])
+    batch = np.stack([image for _, _, _, image in group])
     if max(batch.shape[1:3]) <= TILE_SIZE:
       batch = np.concatenate([batch, np.zeros((batch_size - len(group), *batch.shape[1:]), np.float32)])
     indices = np.arange(len(batch)) + group[0][0]
-    for (_, (path, info), source), result in zip(group, generate(network, batch, indices, multiple=multiple)):
+    for (_, (path, info), original, _), result in zip(group, generate(network, batch, indices, multiple=multiple)):
       if result.shape[:2] != (info.height, info.width):
         result = tf.image.resize(result, (info.height, info.width), method="bicubic").numpy()
-        source = None
-      if config.dataset_mode == "colorization":  # the ab at the photo's size, with its own L
-        source = source if source is not None else _model_input(path, info, config)
-        result = viewable(config, source, result)
+      result = viewable(config, original, result)  # colorization: the ab on the photo's own L
       target = output_dir / f"{path.stem}{images.extension(result.shape[-1])}"
       target.write_bytes(images.encode(result, info.bits))
       written.append(target)
     group.clear()
 
   for index, (path, info) in enumerate(listed):
-    image = _model_input(path, info, config)
+    original = image = _model_input(path, info, config)
     if size == "train":
       image, _ = input_pipeline.eval_transform(image, None, config)
     image = np.asarray(image)
-    if group and (group[0][2].shape != image.shape or len(group) == batch_size):
+    if group and (group[0][3].shape != image.shape or len(group) == batch_size):
       flush()
-    group.append((index, (path, info), image))
+    group.append((index, (path, info), original, image))
     if max(image.shape[:2]) > TILE_SIZE:  # tiled: alone
       flush()
   if group:
@@ -308,10 +305,8 @@ def translate_paths(workdir, input_path, output_dir, *, step: Optional[int] = No
 
 def _model_input(path, info: images.ImageInfo, config: ml_collections.ConfigDict) -> np.ndarray:
   """The image at ``path`` as the model takes it: in [-1, 1] with its channels (L in colorization mode)."""
-  if config.dataset_mode == "colorization":
-    rgb = images.read(path, 3, info) / float(2 ** info.bits - 1)
-    return np.asarray(colour.to_model(np.clip(rgb, 0.0, 1.0))[0])
-  return np.asarray(images.to_unit_range(images.read(path, config.input_nc, info), info.bits))
+  pixels = images.read(path, 3 if config.dataset_mode == "colorization" else config.input_nc, info)
+  return np.asarray(input_pipeline.to_model_range(pixels, pixels, (info.bits, info.bits), config)[0])
 
 
 def evaluate_checkpoint(workdir, *, step: Optional[int] = None, split: Optional[str] = None,

@@ -224,7 +224,7 @@ def steps_per_epoch(config: ml_collections.ConfigDict, source: Optional[PairSour
 def _decode_pair(encoded_a, encoded_b, source: PairSource, config: ml_collections.ConfigDict):
   """The model's (input, target) as float32 in their files' range, with config.input_nc / output_nc channels.
 
-  In colorization mode both are the photo in RGB, which ``_to_model_range`` splits into L and ab.
+  In colorization mode both are the photo in RGB, which ``to_model_range`` splits into L and ab.
   """
   if config.dataset_mode == "colorization":
     rgb = images.to_channels(tf.cast(images.decode(encoded_a, source.bits[0]), tf.float32), 3)
@@ -327,8 +327,12 @@ def eval_transform(a, b, config: ml_collections.ConfigDict):
   return fit(a), (None if b is None else fit(b))
 
 
-def _to_model_range(a, b, bits: Tuple[int, int], config: ml_collections.ConfigDict):
-  """The transformed pair in [-1, 1]: by the files' range, or as the reference's L / 50 - 1 and ab / 110."""
+def to_model_range(a, b, bits: Tuple[int, int], config: ml_collections.ConfigDict):
+  """The transformed pair in [-1, 1]: by the files' range, or as the reference's L / 50 - 1 and ab / 110.
+
+  ``bits``: of the model's (input, target) files. In colorization mode ``a``
+  is the photo in RGB, and ``b`` is not read.
+  """
   if config.dataset_mode == "colorization":
     return colour.to_model(tf.clip_by_value(a / float(2 ** bits[0] - 1), 0.0, 1.0))
   return images.to_unit_range(a, bits[0]), images.to_unit_range(b, bits[1])
@@ -403,7 +407,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0
   def load(epoch, index):
     a, b = _decode_pair(*source.read(index), source, config)
     a, b = _jitter(a, b, config, _fold_in(tf.constant([config.seed, 0], tf.int64), epoch, index))
-    a, b = _to_model_range(a, b, bits, config)
+    a, b = to_model_range(a, b, bits, config)
     return {"A": a, "B": b}
 
   options = tf.data.Options()
@@ -431,7 +435,7 @@ def make_eval_dataset(config: ml_collections.ConfigDict, *, batch_size: Optional
   batch_size = batch_size or config.batch_size
 
   def load(index):
-    a, b = _to_model_range(*eval_transform(*_decode_pair(*source.read(index), source, config), config), bits, config)
+    a, b = to_model_range(*eval_transform(*_decode_pair(*source.read(index), source, config), config), bits, config)
     return {"A": a, "B": b,
             "filename": tf.gather(filenames, index), "index": index}
 
