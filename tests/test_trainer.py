@@ -1,6 +1,7 @@
 """train_and_evaluate on synthetic data: cadences, outputs, exact resumption, stops, refusals."""
 
 import errno
+import logging
 import os
 import re
 import shutil
@@ -259,7 +260,9 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_sets_the_damaged_
   config, finished = finished_run
   shutil.copytree(checkpoint.checkpoint_dir(finished), checkpoint.checkpoint_dir(tmp_path))
   (checkpoint.checkpoint_dir(tmp_path) / "5" / "state" / "_METADATA").write_text("")
+  caplog.set_level(logging.INFO)
   state = trainer.train_and_evaluate(config, tmp_path)
+  assert re.search(r"First step done, [0-9.]+ s after set-up began", caplog.text)
   assert re.search(r"RESUMING FROM AN OLDER CHECKPOINT: checkpoint 5 is damaged \(\S+/5/state/_METADATA is "
                    rf"empty\.\)\. It was moved to {re.escape(str(tmp_path))}/checkpoints_damaged/5; training "
                    r"resumes from step 4", caplog.text)

@@ -15,6 +15,8 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from p2p_jax import cache
+
 VERSION = "v1"
 SIZE = 128
 SPLITS = {"train": 256, "test": 32}
@@ -24,10 +26,6 @@ LABEL_COLOURS = np.array([[0, 0, 170], [230, 40, 40], [40, 200, 60], [250, 220, 
                           [200, 60, 220]], np.float32)
 MATERIAL_COLOURS = np.array([[200, 190, 170], [150, 60, 40], [60, 120, 50], [220, 180, 90],
                              [70, 110, 170], [120, 80, 140]], np.float32)
-
-
-def default_root() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "p2p_jax"
 
 
 def _label_map(rng: np.random.Generator) -> np.ndarray:
@@ -88,7 +86,7 @@ def ensure_dataset(root="", seed: int = 0) -> pathlib.Path:
   Generation goes to a temporary folder that is renamed into place, so two
   processes starting at once both end up with one complete dataset.
   """
-  root = pathlib.Path(root) if root else default_root()
+  root = pathlib.Path(root) if root else cache.default_root()
   target = root / f"synthetic-{VERSION}-seed{seed}"
   if target.is_dir():
     return target
