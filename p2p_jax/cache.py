@@ -36,6 +36,7 @@ import jax
 ENV = "P2P_JAX_CACHE_DIR"
 _OFF = ("", "0", "off", "false", "no", "none")
 _SCAN_VERSION = 1
+_INFO_FIELDS = 5  # images.ImageInfo: width, height, channels, bits, format
 
 
 def default_root() -> pathlib.Path:
@@ -117,16 +118,21 @@ def _scan_file(folder: pathlib.Path) -> Optional[pathlib.Path]:
   return base / "scans" / f"{name}.json"
 
 
-def read_scan(folder: pathlib.Path) -> Dict[str, Tuple[ScanRecord, list]]:
+def read_scan(folder: pathlib.Path) -> Dict[str, Tuple[ScanRecord, tuple]]:
   """``{file name: (stat record, info fields)}`` recorded for ``folder``; {} if none or unreadable."""
   path = _scan_file(folder)
+  if path is None:
+    return {}
   try:
-    data = json.loads(path.read_text()) if path is not None else {}
-  except (OSError, ValueError):
+    data = json.loads(path.read_text())
+    if data["version"] != _SCAN_VERSION or data["folder"] != str(folder.resolve()):
+      return {}
+    files = {name: (tuple(stat), tuple(info)) for name, (stat, info) in data["files"].items()}
+  except (OSError, ValueError, TypeError, KeyError, AttributeError):  # None, damaged or of another layout.
     return {}
-  if data.get("version") != _SCAN_VERSION or data.get("folder") != str(folder.resolve()):
+  if any(len(stat) != 4 or len(info) != _INFO_FIELDS for stat, info in files.values()):
     return {}
-  return {name: (tuple(stat), info) for name, (stat, info) in data.get("files", {}).items()}
+  return files
 
 
 def write_scan(folder: pathlib.Path, files: Dict[str, Tuple[ScanRecord, Sequence]]) -> None:
@@ -136,9 +142,13 @@ def write_scan(folder: pathlib.Path, files: Dict[str, Tuple[ScanRecord, Sequence
     return
   data = {"version": _SCAN_VERSION, "folder": str(folder.resolve()),
           "files": {name: [list(stat), list(info)] for name, (stat, info) in sorted(files.items())}}
+  staged = None
   try:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
+      staged = file.name
       json.dump(data, file)
-    os.replace(file.name, path)
+    os.replace(staged, path)
   except OSError as error:
     logging.warning("Could not record the scan of %s in %s: %s", folder, path, error)
+    if staged is not None:
+      pathlib.Path(staged).unlink(missing_ok=True)

@@ -132,11 +132,16 @@ def test_with_caching_off_every_scan_decodes_and_nothing_is_written(tmp_path, mo
   assert len(decoded) == 6
 
 
-def test_a_damaged_scan_record_is_ignored_and_written_again(cache_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage", ["{not json", "[1, 2]", '{"version": 1}', "RECORD_WITH_SHORT_INFO"])
+def test_a_damaged_scan_record_is_ignored_and_written_again(cache_root, tmp_path, monkeypatch, damage):
   paths = _folder_of_images(tmp_path / "split")
   images.decode_all(paths)
   (record,) = (cache_root / "scans").iterdir()
-  record.write_text("{not json")
+  if damage == "RECORD_WITH_SHORT_INFO":
+    data = json.loads(record.read_text())
+    data["files"]["0.png"][1] = data["files"]["0.png"][1][:2]
+    damage = json.dumps(data)
+  record.write_text(damage)
   decoded = _counting_inspect(monkeypatch)
   images.decode_all(paths)
   assert len(decoded) == 3
