@@ -39,6 +39,19 @@ def test_a_missing_dataset_folder_names_the_flag(tmp_path):
       benchmark.benchmark_data()
 
 
+def test_a_startup_run_names_a_missing_dataset_before_it_trains(tmp_path, monkeypatch):
+  monkeypatch.setattr(benchmark, "_time_train_command", lambda *args: pytest.fail("a run was started"))
+  with flagsaver.flagsaver(startup=True, dataset=str(tmp_path / "missing"), size=32, steps=1):
+    with pytest.raises(app.UsageError, match=r"--dataset='.*missing': config.dataset=.* is neither"):
+      benchmark.benchmark_startup()
+
+
+def test_a_failed_train_command_is_reported_with_its_output(tmp_path):
+  with flagsaver.flagsaver(dataset=str(tmp_path / "no-such-folder"), size=32):
+    with pytest.raises(app.UsageError, match=r"experiments\.train .* failed:\n(.|\n)*\nerror: --config\."):
+      benchmark._time_train_command(str(tmp_path / "run"), 2, str(tmp_path / "cache"))
+
+
 def test_ops_are_attributed_to_their_layer_and_direction():
   assert benchmark._layer_of("jit(train_step)/transpose(jvp(UNetGenerator))/up_1/dot_general") == (
       "UNetGenerator/up_1 backward")
