@@ -357,12 +357,13 @@ def benchmark_export() -> None:
 _FIRST_STEP_LINE = "First step done"
 
 
-def _time_train_command(workdir: str, num_steps: int, cache_dir: str) -> Tuple[float, float]:
-  """Seconds from launching experiments.train to its first step's log line, and to its exit."""
-  config = config_from_flags()
+def _time_train_command(config: ml_collections.ConfigDict, workdir: str, num_steps: int,
+                        cache_dir: str) -> Tuple[float, float]:
+  """Seconds from launching experiments.train on ``config``'s sizes to its first step's log line, and to its exit."""
   command = [sys.executable, "-m", "experiments.train",
              "--config", os.path.join(os.path.dirname(__file__), "configs", "default.py"), "--workdir", workdir,
-             f"--config.dataset={config.dataset}", f"--config.load_size={config.load_size}", f"--config.crop_size={config.crop_size}", f"--config.batch_size={config.batch_size}",
+             f"--config.dataset={config.dataset}", f"--config.load_size={config.load_size}",
+             f"--config.crop_size={config.crop_size}", f"--config.batch_size={config.batch_size}",
              f"--config.model.num_downs={config.model.num_downs}", f"--config.num_train_steps={num_steps}"]
   env = dict(_USER_ENVIRONMENT, P2P_JAX_CACHE_DIR=cache_dir)
   start = time.perf_counter()
@@ -395,7 +396,7 @@ def benchmark_startup() -> None:
       cache_dir, workdir = f"{folder}/cache{round_index}", f"{folder}/run{round_index}"
       for name, (run, steps) in (("cold", (f"{workdir}-cold", 2)), ("warm", (workdir, 2)),
                                  ("resume", (workdir, 4))):
-        first_step, total = _time_train_command(run, steps, cache_dir)
+        first_step, total = _time_train_command(config, run, steps, cache_dir)
         runs[f"{name}_first_step_s"].append(first_step)
         runs[f"{name}_total_s"].append(total)
   _report(dict(mode="startup", dataset=FLAGS.dataset, size=FLAGS.size, batch=FLAGS.batch, rounds=FLAGS.steps,

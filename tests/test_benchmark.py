@@ -49,7 +49,7 @@ def test_a_startup_run_names_a_missing_dataset_before_it_trains(tmp_path, monkey
 def test_a_failed_train_command_is_reported_with_its_output(tmp_path):
   with flagsaver.flagsaver(dataset=str(tmp_path / "no-such-folder"), size=32):
     with pytest.raises(app.UsageError, match=r"experiments\.train .* failed:\n(.|\n)*\nerror: --config\."):
-      benchmark._time_train_command(str(tmp_path / "run"), 2, str(tmp_path / "cache"))
+      benchmark._time_train_command(benchmark.config_from_flags(), str(tmp_path / "run"), 2, str(tmp_path / "cache"))
 
 
 def test_ops_are_attributed_to_their_layer_and_direction():
