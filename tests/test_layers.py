@@ -77,6 +77,40 @@ def test_modules_give_the_same_output_and_parameters_whatever_the_impl(impl):
   np.testing.assert_allclose(conv(conv_impl).apply(conv_vars, x), conv("xla").apply(conv_vars, x), atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 64, 64, 5), (1, 64, 48, 3)])
+def test_auto_strided_conv_takes_its_input_gradient_from_the_matmul_transposed_conv(shape):
+  """Same values and gradients as XLA's convolution, and no input-dilated convolution left."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  conv = lambda impl: layers.Conv(7, 4, 2, 1, use_bias=True, impl=impl)
+  variables = conv("xla").init(jax.random.key(1), x)
+  loss = lambda impl: lambda v, x: jnp.sum(jnp.sin(conv(impl).apply(v, x)))
+  grads = {impl: jax.grad(loss(impl), (0, 1))(variables, x) for impl in ("auto", "xla")}
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-4, rtol=1e-4), grads["auto"], grads["xla"])
+  np.testing.assert_allclose(conv("auto").apply(variables, x), conv("xla").apply(variables, x), atol=1e-5)
+  backward = lambda impl: jax.jit(jax.grad(loss(impl), 1)).lower(variables, x).as_text()
+  assert "lhs_dilate = [2, 2]" in backward("xla") and "lhs_dilate = [2, 2]" not in backward("auto")
+
+
+def test_odd_sides_keep_xlas_convolution():
+  assert layers._input_gradient_as_matmul((1, 64, 64, 3), 4, 2, 1)
+  assert not layers._input_gradient_as_matmul((1, 63, 64, 3), 4, 2, 1)
+  assert not layers._input_gradient_as_matmul((1, 64, 64, 3), 3, 2, 1)
+  x = jax.random.normal(jax.random.key(0), (1, 63, 63, 3))
+  conv = lambda impl: layers.Conv(2, 4, 2, 1, use_bias=False, impl=impl)
+  variables = conv("xla").init(jax.random.key(1), x)
+  grad = lambda impl: jax.grad(lambda x: jnp.sum(conv(impl).apply(variables, x) ** 2))(x)
+  np.testing.assert_array_equal(grad("auto"), grad("xla"))
+
+
+def test_bfloat16_matmuls_accumulate_in_float32_and_round_once():
+  a = jax.random.normal(jax.random.key(0), (16, 512)).astype(jnp.bfloat16)
+  b = jax.random.normal(jax.random.key(1), (512, 8)).astype(jnp.bfloat16)
+  expected = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32)).astype(jnp.bfloat16)
+  assert layers.matmul(a, b).dtype == jnp.bfloat16
+  np.testing.assert_array_equal(layers.matmul(a, b), expected)
+  assert "preferred_element_type=float32" in str(jax.make_jaxpr(layers.matmul)(a, b))
+
+
 def test_other_transposed_convs_fall_back_to_the_plain_formulation():
   """The ResNet's 3x3/s2/p1/output_padding=1 layer has no matmul form: it must still be right."""
   assert layers.resolve_upconv_impl("matmul", 3, 2, 1, 1, side=5) == "conv_transpose"
