@@ -97,9 +97,13 @@ def _is_abandoned_io(record) -> bool:
 
 
 class _AbandonedIoFilter(std_logging.Filter):
+  """Drops asyncio's reports of abandoned tasks: any never retrieved, and orbax's at shutdown."""
 
   def filter(self, record):
-    return "exception was never retrieved" not in record.getMessage()
+    message = record.getMessage()
+    if "exception was never retrieved" in message:
+      return False
+    return not ("unhandled exception during asyncio.run() shutdown" in message and "/orbax/" in message)
 
 
 def _quiet_abandoned_io() -> None:
@@ -107,7 +111,8 @@ def _quiet_abandoned_io() -> None:
 
   When one array cannot be read or written, orbax closes its event loop while
   those of the others still run; Python prints each one's error ("Event loop
-  is closed", its own) when it is collected: hundreds of lines saying nothing
+  is closed", its own) when it is collected, and asyncio logs those that fail
+  as ``asyncio.run()`` shuts down: hundreds of lines saying nothing
   that the DamagedCheckpointError or CheckpointSaveError does not. Other
   unraisable exceptions still print.
   """

@@ -1,6 +1,8 @@
 """Orbax checkpoints: exact round trip, restoring onto another device layout, errors, refusals."""
 
+import asyncio
 import errno
+import logging
 import pathlib
 import threading
 import time
@@ -216,3 +218,28 @@ def test_a_save_that_fails_in_the_background_is_reported_and_cleaned_up(tmp_path
   monkeypatch.undo()
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(checkpoint.load_state(tmp_path)),
                          jax.device_get(state))
+
+
+def test_orbax_reads_failing_as_their_event_loop_shuts_down_are_not_reported(caplog):
+  """A damaged array fails its read while asyncio.run() cancels the others: one error line is enough."""
+  checkpoint._quiet_abandoned_io()
+  orbax_code = {}
+  exec(compile("async def read():\n  raise ValueError('damaged')\n",  # pylint: disable=exec-used
+               "/site-packages/orbax/checkpoint/serialization.py", "exec"), orbax_code)
+
+  async def elsewhere():
+    raise ValueError("not orbax")
+
+  def fail_at_shutdown(coroutine):
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(coroutine())
+    loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+    loop.call_exception_handler({"message": "unhandled exception during asyncio.run() shutdown",
+                                 "exception": task.exception(), "task": task})
+    loop.close()
+
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    fail_at_shutdown(orbax_code["read"])
+    fail_at_shutdown(elsewhere)
+  reported = [record.getMessage() for record in caplog.records if record.name == "asyncio"]
+  assert len(reported) == 1 and "elsewhere" in reported[0], reported
