@@ -108,6 +108,12 @@ def matmul(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.promote_types(a.dtype, jnp.float32)).astype(a.dtype)
 
 
+def conv_xla(x, kernel, stride: int, padding: int):
+  """XLA's own NHWC convolution with symmetric zero padding."""
+  return lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def conv_matmul(x, kernel, stride: int, padding):
   """A convolution as one matmul, on whichever side of it the patch matrix is smaller.
 
@@ -174,9 +180,7 @@ class Conv(nn.Module):
     elif self.impl == "auto" and _input_gradient_as_matmul(x.shape, self.kernel_size, self.stride, self.padding):
       y = strided_conv(x, kernel)
     else:
-      p = self.padding
-      y = lax.conv_general_dilated(x, kernel, (self.stride, self.stride), ((p, p), (p, p)),
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = conv_xla(x, kernel, self.stride, self.padding)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
     return y
@@ -246,7 +250,7 @@ def conv_transpose_matmul(x, kernel):
 
 
 def _strided_conv_xla(x, kernel):
-  return lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return conv_xla(x, kernel, 2, 1)
 
 
 @jax.custom_vjp
