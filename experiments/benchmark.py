@@ -36,10 +36,12 @@ from typing import Tuple
 _USER_ENVIRONMENT = dict(os.environ)
 if __name__ == "__main__":
   # Each of p2p_jax's CPU settings is applied below only if its flag asks, so
-  # that --noreuse_host_memory and --noregion_analysis measure what each saves;
-  # and every compilation is timed, not loaded from a cache.
+  # that --noreuse_host_memory, --noregion_analysis and --nomeasured_formulations
+  # measure what each saves; and every compilation is timed, not loaded from a
+  # cache. The formulations measured before on this machine are used as a
+  # user's run uses them (p2p_jax.tuning).
   os.environ["P2P_JAX_CPU_TUNING"] = "0"
-  os.environ["P2P_JAX_CACHE_DIR"] = "off"
+  os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -49,7 +51,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from p2p_jax import configuration, layers, parallel, recipe, runtime, train  # noqa: E402
+from p2p_jax import configuration, layers, parallel, recipe, runtime, train, tuning  # noqa: E402
 
 flags.DEFINE_integer("size", 256, "Image side, a power of 2; the U-Net gets log2(size) levels (unet_256 for 256).")
 flags.DEFINE_integer("batch", 1, "Examples per device per step.", lower_bound=1)
@@ -68,6 +70,9 @@ flags.DEFINE_bool("reuse_host_memory", True, "Keep p2p_jax's host-memory setting
                   "runs with JAX's defaults: what runtime.reuse_host_memory saves).")
 flags.DEFINE_bool("region_analysis", True, "Compile with runtime.COMPILER_OPTIONS (--noregion_analysis shows "
                   "what they save).")
+flags.DEFINE_bool("measured_formulations", True, "Run the convolution formulations measured fastest on this "
+                  "machine for these shapes (p2p_jax.tuning; measured first if new, as experiments.train does); "
+                  "--nomeasured_formulations runs the static table.")
 flags.DEFINE_bool("floor", False, "Also time a large float32 matmul and report the step against its compute "
                   "floor: XLA's FLOP count at that rate.")
 flags.DEFINE_bool("data", False, "Time the input pipeline instead of the train step.")
@@ -203,6 +208,11 @@ def benchmark_train() -> None:
   global_batch = FLAGS.batch * FLAGS.devices
   mesh = parallel.make_mesh(jax.devices()[:FLAGS.devices])
   replicated = NamedSharding(mesh, P())
+  tuned, start = {}, time.perf_counter()
+  if FLAGS.measured_formulations:
+    image = jax.ShapeDtypeStruct((global_batch, FLAGS.size, FLAGS.size, 3), jnp.float32)
+    tuned = tuning.tune(pix2pix, {"A": image, "B": image})
+  tune_s = time.perf_counter() - start
   # Compile from shapes first, then allocate, releasing what serves only once
   # (runtime.release_free_memory): the peak is then that of training itself.
   init = functools.partial(train.create_train_state, pix2pix=pix2pix, batch=configuration.image_shapes(config))
@@ -263,6 +273,7 @@ def benchmark_train() -> None:
   _report(dict(**floor, mode="train", size=FLAGS.size, batch=FLAGS.batch, devices=FLAGS.devices,
                steps_per_call=FLAGS.steps_per_call, dtype=FLAGS.dtype,
                conv_impl=FLAGS.conv_impl, upconv_impl=FLAGS.upconv_impl,
+               measured_formulations=dict(sorted(collections.Counter(tuned.values()).items())), tune_s=round(tune_s, 1),
                reuse_host_memory=FLAGS.reuse_host_memory, region_analysis=FLAGS.region_analysis,
                images_per_sec=round(global_batch / per_step, 3), ms_per_step=round(1000 * per_step, 1),
                min_ms=round(1000 * min(times) / FLAGS.steps_per_call, 1),

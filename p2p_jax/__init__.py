@@ -20,7 +20,8 @@ What a user needs is here, each with its own docstring:
 - Modules: ``export``, ``input_pipeline``, ``models``, ``layers``, ``losses``, ``metrics``,
   ``perceptual`` (FID, KID, LPIPS over a split; networks in ``fid`` and ``lpips``),
   ``checkpoint`` (and its ``DamagedCheckpointError``, ``CheckpointSaveError``),
-  ``locking`` (``WorkdirInUseError``), ``summaries``, ``runtime``, ``cache``.
+  ``locking`` (``WorkdirInUseError``), ``summaries``, ``runtime``, ``cache``,
+  ``tuning`` (the convolution formulations "auto" measured on this machine).
 
 Importing p2p_jax applies its XLA:CPU settings (``runtime.configure``; set
 ``P2P_JAX_CPU_TUNING=0`` to keep JAX's defaults) and keeps compiled programs
@@ -58,7 +59,7 @@ _EXPORTS = {
 _RENAMED = {"check_config": "check"}
 _MODULES = ("cache", "checkpoint", "colour", "configuration", "export", "fid", "images", "inference", "input_pipeline", "layers",
             "losses", "locking", "lpips", "metrics", "models", "perceptual", "progress", "recipe", "runtime",
-            "summaries", "torch_files", "train", "trainer")
+            "summaries", "torch_files", "train", "trainer", "tuning")
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 
 

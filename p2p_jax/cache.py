@@ -138,10 +138,17 @@ def read_scan(folder: pathlib.Path) -> Dict[str, Tuple[ScanRecord, tuple]]:
 def write_scan(folder: pathlib.Path, files: Dict[str, Tuple[ScanRecord, Sequence]]) -> None:
   """Records ``files`` for ``folder``, replacing its record atomically; a failure only logs."""
   path = _scan_file(folder)
-  if path is None or _writable_folder(path.parent, "image scans") is None:
+  if path is None:
     return
   data = {"version": _SCAN_VERSION, "folder": str(folder.resolve()),
           "files": {name: [list(stat), list(info)] for name, (stat, info) in sorted(files.items())}}
+  write_json(path, data, f"the scan of {folder}")
+
+
+def write_json(path: pathlib.Path, data, what: str) -> None:
+  """Writes ``data`` to ``path`` as JSON, replacing it atomically; a failure only logs, naming ``what``."""
+  if _writable_folder(path.parent, what) is None:
+    return
   staged = None
   try:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as file:
@@ -149,6 +156,6 @@ def write_scan(folder: pathlib.Path, files: Dict[str, Tuple[ScanRecord, Sequence
       json.dump(data, file)
     os.replace(staged, path)
   except OSError as error:
-    logging.warning("Could not record the scan of %s in %s: %s", folder, path, error)
+    logging.warning("Could not record %s in %s: %s", what, path, error)
     if staged is not None:
       pathlib.Path(staged).unlink(missing_ok=True)

@@ -9,13 +9,16 @@ copying it), and batch norm keeps the unbiased running variance that PyTorch
 keeps.
 """
 
+import functools
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from p2p_jax import tuning
 
 # The reference's init_weights('normal', 0.02): conv kernels N(0, 0.02),
 # norm scales N(1, 0.02), biases 0.
@@ -140,13 +143,13 @@ def conv_matmul(x, kernel, stride: int, padding):
 
 
 CONV_IMPLS = ("auto", "xla", "matmul")
-# What "auto" picks on each backend, from the measurements in BENCHMARKS.md; a
-# backend not listed keeps XLA's own convolution.
+# What "auto" picks on each backend when nothing was measured (tuning.py), from
+# the measurements in BENCHMARKS.md; a backend not listed keeps XLA's own convolution.
 _AUTO_CONV = {"cpu": ((32, "matmul"),)}
 
 
 def resolve_conv_impl(impl: str, side: int) -> str:
-  """The formulation that runs: ``impl``, or the measured best for "auto"."""
+  """The formulation that runs for an explicit ``impl``, or the static default of "auto"."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"config.model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
   if impl == "auto":
@@ -154,13 +157,27 @@ def resolve_conv_impl(impl: str, side: int) -> str:
   return impl
 
 
+def conv_site(x, kernel_shape, stride: int, padding: int, dtype) -> tuning.Site:
+  """The formulations of a convolution of ``x`` for "auto": XLA's, matmul, and ``strided_conv`` where it applies."""
+  formulations = {"xla": functools.partial(conv_xla, stride=stride, padding=padding),
+                  "matmul": functools.partial(conv_matmul, stride=stride, padding=padding)}
+  strided = _input_gradient_as_matmul(x.shape, kernel_shape[0], stride, padding)
+  if strided:
+    formulations["strided"] = strided_conv
+  default = resolve_conv_impl("auto", x.shape[1])
+  if default == "xla" and strided:
+    default = "strided"
+  return tuning.site("conv", x, kernel_shape, stride, padding, dtype, formulations, default)
+
+
 class Conv(nn.Module):
   """A PyTorch-style Conv2d (symmetric zero padding) with the reference init.
 
   Parameters are named as ``nn.Conv``'s; ``impl`` chooses the formulation:
-  "xla" is XLA's own convolution, forward and backward; "auto" also takes the
-  input gradient of a 4x4/stride-2 one from ``strided_conv`` where that is the
-  faster form.
+  "xla" is XLA's own convolution, forward and backward, "matmul" one matmul;
+  "auto" runs what ``tuning`` measured fastest for this shape on this
+  machine, else the static table's choice (``strided_conv`` for a 4x4/stride-2
+  one where the matmul transposed convolution is the faster input gradient).
   """
   features: int
   kernel_size: int
@@ -170,15 +187,24 @@ class Conv(nn.Module):
   impl: str = "auto"
   dtype: Optional[jnp.dtype] = None
 
+  def tuning_site(self, x) -> Optional[tuning.Site]:
+    """What ``tuning`` measures for this layer applied to ``x``; None when ``impl`` is not "auto"."""
+    if self.impl != "auto":
+      return None
+    kernel_shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+    return conv_site(x, kernel_shape, self.stride, self.padding, self.dtype or x.dtype)
+
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if resolve_conv_impl(self.impl, x.shape[1]) == "matmul":
+    impl = resolve_conv_impl(self.impl, x.shape[1])
+    if self.impl == "auto":
+      site = self.tuning_site(x)
+      y = site.formulations[tuning.choice(site)](x, kernel)
+    elif impl == "matmul":
       y = conv_matmul(x, kernel, self.stride, self.padding)
-    elif self.impl == "auto" and _input_gradient_as_matmul(x.shape, self.kernel_size, self.stride, self.padding):
-      y = strided_conv(x, kernel)
     else:
       y = conv_xla(x, kernel, self.stride, self.padding)
     if self.use_bias:
@@ -296,7 +322,7 @@ _AUTO_UPCONV = {"cpu": ((math.inf, "matmul"),)}
 
 def resolve_upconv_impl(impl: str, kernel_size: int, stride: int, padding: int, output_padding: int,
                         side: int) -> str:
-  """The formulation that runs: ``impl``, or the measured best for "auto".
+  """The formulation that runs for an explicit ``impl``, or the static default of "auto".
 
   Shapes other than the U-Net's 4x4/stride-2/padding-1 use the plain one.
   """
@@ -312,7 +338,9 @@ def resolve_upconv_impl(impl: str, kernel_size: int, stride: int, padding: int, 
 class ConvTranspose(nn.Module):
   """A PyTorch-style ``ConvTranspose2d`` with the reference init.
 
-  ``impl`` chooses the formulation (the parameters are the same for all).
+  ``impl`` chooses the formulation (the parameters are the same for all);
+  "auto" runs what ``tuning`` measured fastest here for the 4x4/stride-2/padding-1
+  shape, else the static table's choice.
   """
   features: int
   kernel_size: int = 4
@@ -323,6 +351,16 @@ class ConvTranspose(nn.Module):
   impl: str = "auto"
   dtype: Optional[jnp.dtype] = None
 
+  def tuning_site(self, x) -> Optional[tuning.Site]:
+    """What ``tuning`` measures for this layer applied to ``x``; None when there is nothing to choose."""
+    shape = (self.kernel_size, self.stride, self.padding, self.output_padding)
+    if self.impl != "auto" or shape != (4, 2, 1, 0):
+      return None
+    formulations = {"matmul": conv_transpose_matmul,
+                    "conv_transpose": functools.partial(conv_transpose, stride=2, padding=1)}
+    return tuning.site("upconv", x, (x.shape[-1], 4, 4, self.features), 2, 1, self.dtype or x.dtype,
+                       formulations, resolve_upconv_impl("auto", *shape, x.shape[1]))
+
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", conv_init, (x.shape[-1], self.kernel_size, self.kernel_size, self.features))
@@ -330,7 +368,10 @@ class ConvTranspose(nn.Module):
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     impl = resolve_upconv_impl(self.impl, self.kernel_size, self.stride, self.padding, self.output_padding,
                                x.shape[1])
-    if impl == "matmul":
+    site = self.tuning_site(x)
+    if site is not None:
+      y = site.formulations[tuning.choice(site)](x, kernel)
+    elif impl == "matmul":
       y = conv_transpose_matmul(x, kernel)
     else:
       y = conv_transpose(x, kernel, self.stride, self.padding, self.output_padding)

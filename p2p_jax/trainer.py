@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from p2p_jax import (checkpoint, configuration, inference, input_pipeline, locking, parallel, perceptual,
-                     progress, recipe, summaries, train)
+                     progress, recipe, runtime, summaries, train, tuning)
 
 
 class NonFiniteError(FloatingPointError):
@@ -196,6 +196,9 @@ def _train(config, workdir, pix2pix, stop: _StopRequest, mesh) -> train.TrainSta
   train_source = input_pipeline.pair_source(config, config.train_split, named_by="config.train_split")
   steps_per_epoch = input_pipeline.steps_per_epoch(config, train_source)
   pix2pix = pix2pix or recipe.Pix2Pix.from_config(config, steps_per_epoch=steps_per_epoch)
+  if runtime.enabled():  # Before anything traces the networks: "auto" layers then run what was measured.
+    tuning.tune(pix2pix, {name: jax.ShapeDtypeStruct((config.batch_size, *example.shape), example.dtype)
+                          for name, example in configuration.image_shapes(config).items()})
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(parallel.DATA_AXIS))
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
   state, start_step = _restore_or_init(manager, config, pix2pix, replicated, workdir)

@@ -1,0 +1,264 @@
+"""What ``impl="auto"`` runs: each convolution's formulation, measured on this machine for its shape.
+
+A convolution can run as XLA's own op or as a matmul (``layers``), and which is
+faster depends on the CPU, the image side, the batch and the dtype: a table
+measured on one machine lost on another (BENCHMARKS.md). So ``tune`` finds
+every ``layers.Conv`` and ``layers.ConvTranspose`` with ``impl="auto"`` that the
+networks call for a batch of a given shape (from shapes alone), times each
+formulation that can run it (forward and both gradients, jitted, fastest of
+several calls), and records the fastest per layer shape in
+``<cache>/tuning/<machine>.json`` (``cache.root()``, one file per CPU model and
+instruction set, or accelerator kind). Layers look their shape up there when
+they are traced (``choice``); a shape never measured, or a process with
+``P2P_JAX_CPU_TUNING=0``, gets the static table in ``layers`` (the safe default).
+``experiments.train`` tunes before it compiles, once per machine and shape.
+
+Layers whose forward pass is under ``MIN_FLOPS`` are not measured: they take
+well under a millisecond, and noise would decide. Every formulation computes
+the same function (``tests/test_layers.py``), so a choice changes the speed,
+not the model; a user who wants one formulation everywhere sets
+``config.model.conv_impl`` / ``upconv_impl``.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import re
+import time
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+from p2p_jax import cache, runtime
+
+MIN_FLOPS = 10 ** 8
+_VERSION = 1
+# A formulation replaces the static choice only when it is at least this much faster.
+_MARGIN = 0.05
+# A candidate whose first timed call is this many times the fastest so far is dropped untimed further.
+_CUTOFF = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """One convolution as traced: its shapes, and the formulations that compute it (``name -> f(x, kernel)``)."""
+  key: str
+  x: jax.ShapeDtypeStruct
+  kernel: jax.ShapeDtypeStruct
+  formulations: Mapping[str, Callable]
+  default: str  # The static table's choice.
+  flops: int  # Of the forward pass.
+
+
+def site(kind: str, x, kernel_shape: Sequence[int], stride: int, padding: int, dtype,
+         formulations: Mapping[str, Callable], default: str) -> Site:
+  """The ``Site`` of a convolution of ``kind`` ("conv" or "upconv") applied to ``x``."""
+  dtype = jnp.dtype(dtype)
+  shape = lambda s: "x".join(map(str, s))
+  key = f"{kind} {shape(x.shape)} k{shape(kernel_shape)} s{stride} p{padding} {dtype.name}"
+  if kind == "upconv":  # Every input pixel times the (in, kh * kw * out) kernel.
+    flops = 2 * math.prod(x.shape[:3]) * math.prod(kernel_shape)
+  else:  # Every output pixel times the (kh * kw * in, out) kernel.
+    rows, columns = ((side + 2 * padding - k) // stride + 1 for side, k in zip(x.shape[1:3], kernel_shape[:2]))
+    flops = 2 * x.shape[0] * rows * columns * math.prod(kernel_shape)
+  return Site(key, jax.ShapeDtypeStruct(x.shape, dtype), jax.ShapeDtypeStruct(tuple(kernel_shape), dtype),
+              dict(formulations), default, flops)
+
+
+# Choices known to this process: the record file's (read once), then what tune() measured.
+_choices: Optional[Dict[str, str]] = None
+
+
+def record_path():
+  """This machine's record file, or None when caching is off."""
+  base = cache.root()
+  if base is None:
+    return None
+  name = cache.machine_key()
+  if jax.default_backend() != "cpu":
+    device = re.sub(r"[^A-Za-z0-9]+", "-", jax.devices()[0].device_kind).strip("-")
+    name = f"{jax.default_backend()}-{device}-{name}"
+  return base / "tuning" / f"{name}.json"
+
+
+def _read_records() -> Dict[str, dict]:
+  """``{site key: {"choice": name, "ms": {name: ms}}}`` from this machine's file; {} if none or unusable."""
+  path = record_path()
+  if path is None:
+    return {}
+  try:
+    data = json.loads(path.read_text())
+    if data["version"] != _VERSION or data["jax"] != jax.__version__:
+      return {}  # Another JAX may rank the formulations differently: measure again.
+    records = {str(key): {"choice": str(value["choice"]), "ms": dict(value["ms"])}
+               for key, value in data["sites"].items()}
+  except (OSError, ValueError, TypeError, KeyError, AttributeError):  # None, damaged or of another layout.
+    return {}
+  return records
+
+
+def _known() -> Dict[str, str]:
+  global _choices
+  if _choices is None:
+    _choices = ({key: value["choice"] for key, value in _read_records().items()}
+                if runtime.enabled() else {})
+  return _choices
+
+
+def choice(traced: Site) -> str:
+  """The formulation to run for ``traced``: the one measured fastest here, else the static default."""
+  name = _known().get(traced.key)
+  return name if name in traced.formulations else traced.default
+
+
+def reset() -> None:
+  """Forgets the choices this process knows; the next ``choice`` reads the record file again."""
+  global _choices
+  _choices = None
+
+
+def collect(fn: Callable, *args, **kwargs) -> Dict[str, Site]:
+  """Every ``impl="auto"`` convolution ``fn(*args, **kwargs)`` calls, by key; traced on shapes only.
+
+  A module takes part if it has a ``tuning_site(x)`` method returning a ``Site``
+  (or None when it has nothing to choose), as ``layers.Conv`` does.
+  """
+  found = {}
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    site_of = getattr(context.module, "tuning_site", None)
+    if context.method_name == "__call__" and site_of is not None and call_args:
+      traced = site_of(call_args[0])
+      if traced is not None:
+        found[traced.key] = traced
+    return next_fun(*call_args, **call_kwargs)
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(functools.partial(fn, **kwargs), *args)
+  return found
+
+
+def step_sites(pix2pix, batch) -> Dict[str, Site]:
+  """The convolutions of a train step on batches shaped like ``batch`` (``{"A", "B"}``, NHWC)."""
+  source = jax.ShapeDtypeStruct(batch["A"].shape, jnp.float32)
+  target = jax.ShapeDtypeStruct(batch["B"].shape, jnp.float32)
+  rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+  sites = collect(pix2pix.generator.init, rngs, source, train=True)
+  sites.update(collect(pix2pix.discriminator.init, rngs, source, target, train=True))
+  return sites
+
+
+def time_formulation(formulation: Callable, traced: Site, limit_ms: float = math.inf,
+                     repeats: int = 5, budget_s: float = 1.0) -> float:
+  """Milliseconds of ``formulation``'s forward pass and both gradients: the fastest of up to ``repeats`` calls.
+
+  Stops after one timed call if that exceeds ``limit_ms`` (returning it), and
+  after ``budget_s`` of timed calls (at least two).
+  """
+  def forward_and_gradients(x, kernel, cotangent):
+    y, vjp = jax.vjp(formulation, x, kernel)
+    return y, *vjp(cotangent)
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], traced.x.shape, traced.x.dtype)
+  kernel = 0.02 * jax.random.normal(keys[1], traced.kernel.shape, traced.kernel.dtype)
+  output = jax.eval_shape(formulation, traced.x, traced.kernel)
+  cotangent = jax.random.normal(keys[2], output.shape, output.dtype)
+  run = jax.jit(forward_and_gradients)
+  jax.block_until_ready(run(x, kernel, cotangent))  # Compiles, and settles the heap.
+  times, spent = [], 0.0
+  while len(times) < repeats:
+    start = time.perf_counter()
+    jax.block_until_ready(run(x, kernel, cotangent))
+    times.append(time.perf_counter() - start)
+    spent += times[-1]
+    if 1000 * times[0] > limit_ms or (len(times) >= 2 and spent > budget_s):
+      break
+  return 1000 * min(times)
+
+
+def measure(traced: Site, timer: Optional[Callable] = None) -> dict:
+  """``{"choice": name, "ms": {name: ms}}``: the formulations of ``traced`` timed, the static default first.
+
+  The fastest wins if it beats the default by ``_MARGIN``. One far slower
+  than the fastest so far is cut off after one call (its time then only says
+  it lost); for a batch of several, one far slower than the default on one
+  example is not run on the whole batch (XLA:CPU's transposed convolution
+  takes seconds there).
+  """
+  timer = timer or time_formulation
+  names = [traced.default] + sorted(name for name in traced.formulations if name != traced.default)
+  if traced.x.shape[0] > 1:
+    single = dataclasses.replace(traced, x=jax.ShapeDtypeStruct((1, *traced.x.shape[1:]), traced.x.dtype))
+    screen = _time_each(single, names, timer)
+    names = [name for name in names if screen[name] <= _CUTOFF * screen[traced.default]]
+  ms = _time_each(traced, names, timer)
+  best = min(ms, key=ms.get)
+  chosen = best if ms[best] < (1 - _MARGIN) * ms[traced.default] else traced.default
+  return {"choice": chosen, "ms": ms}
+
+
+def _time_each(traced: Site, names: Sequence[str], timer: Callable) -> Dict[str, float]:
+  ms = {}
+  for name in names:
+    limit = _CUTOFF * min(ms.values()) if ms else math.inf
+    ms[name] = round(float(timer(traced.formulations[name], traced, limit)), 3)
+  return ms
+
+
+def _write_records(measured: Dict[str, dict]) -> None:
+  path = record_path()
+  if path is None or not measured:
+    return
+  records = _read_records()  # Another process may have recorded other shapes meanwhile.
+  records.update(measured)
+  data = {"version": _VERSION, "jax": jax.__version__, "backend": jax.default_backend(),
+          "device": jax.devices()[0].device_kind, "sites": dict(sorted(records.items()))}
+  cache.write_json(path, data, "the measured formulations")
+
+
+def tune(pix2pix, batch, *, min_flops: Optional[int] = None, timer: Optional[Callable] = None) -> Dict[str, str]:
+  """Measures the formulations of ``pix2pix``'s convolutions for batches like ``batch``; returns the choices.
+
+  Sites recorded on this machine before are not measured again; new
+  measurements are added to the record file (when caching is on) and take
+  effect in this process for everything traced after. With several processes,
+  process 0 measures and every process uses its choices, so that all compile
+  the same program. Sites with nothing to choose, or under ``min_flops``
+  (``MIN_FLOPS``), keep the static default. ``timer`` (``time_formulation``)
+  is for tests.
+  """
+  min_flops = MIN_FLOPS if min_flops is None else min_flops
+  sites = {key: s for key, s in sorted(step_sites(pix2pix, batch).items())
+           if len(s.formulations) > 1 and s.flops >= min_flops}
+  known = _known()
+  chosen = {}
+  if jax.process_index() == 0:
+    records = _read_records()
+    todo = [s for key, s in sites.items() if key not in records]
+    if todo:
+      logging.info("Measuring the formulations of %d convolution shapes on this machine (once per "
+                   "machine and shape; recorded in %s).", len(todo), record_path() or "memory only: caching is off")
+    start, measured = time.perf_counter(), {}
+    for s in todo:
+      measured[s.key] = measure(s, timer)
+      logging.info("  %s: %s (%s ms)", s.key, measured[s.key]["choice"],
+                   ", ".join(f"{name} {ms:g}" for name, ms in measured[s.key]["ms"].items()))
+    if todo:
+      logging.info("Measured in %.1f s.", time.perf_counter() - start)
+    _write_records(measured)
+    records.update(measured)
+    chosen = {key: records[key]["choice"] for key in sites}
+  if jax.process_count() > 1 and sites:
+    names = {key: sorted(s.formulations) for key, s in sites.items()}
+    index = np.asarray([names[key].index(chosen[key]) if chosen else 0 for key in sites], np.int32)
+    index = multihost_utils.broadcast_one_to_all(index)
+    chosen = {key: names[key][int(i)] for key, i in zip(sites, index)}
+  known.update(chosen)
+  return chosen

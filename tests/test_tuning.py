@@ -1,0 +1,212 @@
+"""tuning: "auto" convolutions run the formulation measured fastest here, per shape, else the static table."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from p2p_jax import cache, layers, trainer, tuning
+from tests.conftest import run_config, tiny_pix2pix
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+  """A fresh record file per test, and no choices carried over from other tests."""
+  monkeypatch.setenv(cache.ENV, str(tmp_path / "cache"))
+  tuning.reset()
+  yield
+  tuning.reset()
+
+
+# Timings per tuning of the tiny step: 6 convolutions with 3 formulations, 2 with 2, 5 transposed with 2.
+_CALLS = 6 * 3 + 2 * 2 + 5 * 2
+
+
+def _batch(size=32, batch=1):
+  image = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  return {"A": image, "B": image}
+
+
+def _name(formulation, site):
+  return next(name for name, f in site.formulations.items() if f is formulation)
+
+
+def _timer_preferring(fastest, calls=None):
+  """A fake timer: 1 ms for the formulation ``fastest[kind]`` of a site, 10 ms for any other."""
+  def timer(formulation, site, limit_ms):
+    del limit_ms
+    if calls is not None:
+      calls.append(site.key)
+    return 1.0 if _name(formulation, site) == fastest[site.key.split()[0]] else 10.0
+  return timer
+
+
+def test_sites_are_the_steps_auto_convolutions_with_their_shapes():
+  sites = tuning.step_sites(tiny_pix2pix(), _batch())
+  # The 5-level U-Net: 5 convolutions down, 5 transposed up; the 2-layer PatchGAN: 4 convolutions,
+  # its second of the shape of the U-Net's down_1, so one site.
+  assert sum(key.startswith("conv 1x32x32x3 ") for key in sites) == 1  # down_0
+  assert "conv 1x32x32x6 k4x4x6x8 s2 p1 float32" in sites  # The PatchGAN's first layer sees both images.
+  assert sum(key.startswith("upconv ") for key in sites) == 5
+  assert sum(key.startswith("conv ") for key in sites) == 5 + 3
+  down_0 = sites["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
+  assert set(down_0.formulations) == {"xla", "matmul", "strided"} and down_0.default == "matmul"
+  assert down_0.flops == 2 * 1 * 16 * 16 * (4 * 4 * 3 * 8)
+  assert tuning.step_sites(tiny_pix2pix(conv_impl="xla", upconv_impl="matmul"), _batch()) == {}
+
+
+def test_every_formulation_of_a_site_computes_the_layer():
+  rng = np.random.default_rng(0)
+  for site in tuning.step_sites(tiny_pix2pix(), _batch()).values():
+    x, kernel = (rng.standard_normal(s.shape, np.float32) for s in (site.x, site.kernel))
+    outputs = [jax.jit(f)(x, kernel) for f in site.formulations.values()]
+    for output in outputs[1:]:
+      np.testing.assert_allclose(output, outputs[0], atol=1e-4, rtol=1e-4)
+
+
+def test_tune_records_the_fastest_and_the_layers_run_it(tmp_path):
+  pix2pix, batch = tiny_pix2pix(), _batch()
+  generator_text = lambda: jax.jit(lambda v, x: pix2pix.generator.apply(v, x, train=False)).lower(
+      variables, batch["A"]).as_text()
+  variables = pix2pix.generator.init(jax.random.key(0), jnp.zeros(batch["A"].shape), train=False)
+  assert "lhs_dilate" not in generator_text()  # The static table: matmul transposed convolutions.
+
+  fastest = {"conv": "xla", "upconv": "conv_transpose"}
+  chosen = tuning.tune(pix2pix, batch, min_flops=0, timer=_timer_preferring(fastest))
+  assert len(chosen) == 13 and set(chosen.values()) == {"xla", "conv_transpose"}
+  assert "lhs_dilate = [2, 2]" in generator_text()  # XLA's own transposed convolution now runs.
+
+  record = json.loads(tuning.record_path().read_text())
+  assert tuning.record_path().parent == tmp_path / "cache" / "tuning"
+  assert record["jax"] == jax.__version__ and len(record["sites"]) == 13
+  assert record["sites"]["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"] == {
+      "choice": "xla", "ms": {"matmul": 10.0, "strided": 10.0, "xla": 1.0}}
+  tuning.reset()  # A new process reads the choices from the record.
+  assert "lhs_dilate = [2, 2]" in generator_text()
+
+
+def test_shapes_measured_before_are_not_measured_again():
+  calls = []
+  timer = _timer_preferring({"conv": "xla", "upconv": "matmul"}, calls)
+  tuning.tune(tiny_pix2pix(), _batch(), min_flops=0, timer=timer)
+  assert len(calls) == _CALLS  # Each formulation of each site, once.
+  calls.clear()
+  tuning.reset()
+  tuning.tune(tiny_pix2pix(), _batch(), min_flops=0, timer=timer)
+  assert calls == []
+  tuning.tune(tiny_pix2pix(), _batch(batch=4), min_flops=0, timer=timer)
+  # Another batch is another shape: each formulation on one example, then those not far slower than the
+  # default (all but XLA's transposed convolution) on the batch.
+  assert len(calls) == _CALLS + (_CALLS - 5)
+
+
+def test_small_layers_keep_the_static_default():
+  calls = []
+  sites = tuning.step_sites(tiny_pix2pix(), _batch())
+  assert tuning.tune(tiny_pix2pix(), _batch(), timer=_timer_preferring({"conv": "xla"}, calls)) == {}
+  assert calls == [] and max(s.flops for s in sites.values()) < tuning.MIN_FLOPS
+  assert all(tuning.choice(s) == s.default for s in sites.values())
+
+
+def test_the_default_stays_unless_another_is_clearly_faster():
+  site = tuning.step_sites(tiny_pix2pix(), _batch())["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
+  timer = lambda times: lambda f, s, limit: times[_name(f, s)]
+  close = {"matmul": 10.0, "xla": 9.7, "strided": 9.8}
+  assert tuning.measure(site, timer(close))["choice"] == "matmul"
+  clear = {"matmul": 10.0, "xla": 9.4, "strided": 9.8}
+  assert tuning.measure(site, timer(clear)) == {"choice": "xla", "ms": {"matmul": 10.0, "strided": 9.8, "xla": 9.4}}
+
+
+def test_a_far_slower_formulation_is_cut_off_after_one_call():
+  site = tuning.step_sites(tiny_pix2pix(), _batch())["upconv 1x1x1x64 k64x4x4x64 s2 p1 float32"]
+  limits = {}
+
+  def timer(formulation, traced, limit_ms):
+    limits[_name(formulation, traced)] = limit_ms
+    return 3.0
+  tuning.measure(site, timer)
+  assert limits == {"matmul": float("inf"), "conv_transpose": 6.0}
+
+
+def test_the_real_timer_times_forward_and_both_gradients():
+  site = tuning.step_sites(tiny_pix2pix(), _batch())["conv 1x16x16x8 k4x4x8x16 s2 p1 float32"]
+  result = tuning.measure(site)
+  assert set(result["ms"]) == {"xla", "matmul", "strided"} and result["choice"] in result["ms"]
+  assert all(0 < ms < 10_000 for ms in result["ms"].values())
+
+
+@pytest.mark.parametrize("damage", ["not json", '{"version": 1}', "other jax"])
+def test_a_damaged_or_stale_record_is_measured_again_and_replaced(damage):
+  calls = []
+  timer = _timer_preferring({"conv": "xla", "upconv": "matmul"}, calls)
+  tuning.tune(tiny_pix2pix(), _batch(), min_flops=0, timer=timer)
+  path = tuning.record_path()
+  if damage == "other jax":
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(record, jax="0.0.1")))
+  else:
+    path.write_text(damage)
+  tuning.reset()
+  site = tuning.step_sites(tiny_pix2pix(), _batch())["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
+  assert tuning.choice(site) == "matmul"  # The static default, not a stale or broken record.
+  calls.clear()
+  tuning.tune(tiny_pix2pix(), _batch(), min_flops=0, timer=timer)
+  assert len(calls) == _CALLS
+  assert json.loads(path.read_text())["jax"] == jax.__version__
+
+
+def test_opting_out_of_cpu_tuning_keeps_the_static_table(monkeypatch):
+  tuning.tune(tiny_pix2pix(), _batch(), min_flops=0, timer=_timer_preferring({"conv": "xla", "upconv": "matmul"}))
+  monkeypatch.setenv("P2P_JAX_CPU_TUNING", "0")
+  tuning.reset()
+  site = tuning.step_sites(tiny_pix2pix(), _batch())["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
+  assert tuning.choice(site) == "matmul"
+
+
+def test_with_caching_off_the_choices_last_for_the_process(monkeypatch):
+  monkeypatch.setenv(cache.ENV, "off")
+  chosen = tuning.tune(tiny_pix2pix(), _batch(), min_flops=0,
+                       timer=_timer_preferring({"conv": "xla", "upconv": "matmul"}))
+  assert tuning.record_path() is None and set(chosen.values()) == {"xla", "matmul"}
+  site = tuning.step_sites(tiny_pix2pix(), _batch())["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
+  assert tuning.choice(site) == "xla"
+
+
+def test_training_tunes_its_global_batch_before_it_builds_anything(tmp_path, synthetic_dir, monkeypatch):
+  tuned = []
+
+  def tune(pix2pix, batch):
+    tuned.append({name: image.shape for name, image in batch.items()})
+    raise InterruptedError("stop here")
+  monkeypatch.setattr(tuning, "tune", tune)
+  with pytest.raises(InterruptedError, match="stop here"):
+    trainer.train_and_evaluate(run_config(synthetic_dir, num_train_steps=1), tmp_path / "run")
+  assert tuned == [{"A": (4, 32, 32, 3), "B": (4, 32, 32, 3)}]  # run_config's global batch of 4.
+
+  monkeypatch.setenv("P2P_JAX_CPU_TUNING", "0")  # Opted out: nothing is measured.
+  monkeypatch.setattr(trainer.checkpoint, "make_manager", lambda *_, **__: tune(None, {}))
+  with pytest.raises(InterruptedError, match="stop here"):
+    trainer.train_and_evaluate(run_config(synthetic_dir, num_train_steps=1), tmp_path / "opted_out")
+  assert tuned[1:] == [{}]  # Only the stand-in for the checkpoint manager ran.
+
+
+def test_layers_with_an_explicit_impl_ignore_the_measurements():
+  tuning.tune(tiny_pix2pix(), _batch(), min_flops=0, timer=_timer_preferring({"conv": "xla", "upconv": "matmul"}))
+  x = jnp.zeros((2, 32, 32, 3))
+  module = layers.Conv(8, 4, 2, 1, use_bias=False, impl="matmul")
+  text = jax.jit(module.init).lower(jax.random.key(0), x).as_text()
+  assert "convolution" not in text
+
+
+def test_a_batch_runs_only_the_formulations_not_far_slower_on_one_example():
+  site = tuning.step_sites(tiny_pix2pix(), _batch(batch=2))["upconv 2x8x8x32 k32x4x4x8 s2 p1 float32"]
+  timed = []
+
+  def timer(formulation, traced, limit_ms):
+    name = _name(formulation, traced)
+    timed.append((name, traced.x.shape[0]))
+    return {"matmul": 1.0, "conv_transpose": 2.5}[name] * traced.x.shape[0]
+  assert tuning.measure(site, timer) == {"choice": "matmul", "ms": {"matmul": 2.0}}
+  assert timed == [("matmul", 1), ("conv_transpose", 1), ("matmul", 2)]
