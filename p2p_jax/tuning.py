@@ -5,7 +5,8 @@ faster depends on the CPU, the image side, the batch and the dtype: a table
 measured on one machine lost on another (BENCHMARKS.md). So ``tune`` finds
 every ``layers.Conv`` and ``layers.ConvTranspose`` with ``impl="auto"`` that the
 networks call for a batch of a given shape (from shapes alone), times each
-formulation that can run it (forward and both gradients, jitted, fastest of
+formulation that can run it and keeps no more memory for the backward pass
+than the static table's choice (forward and both gradients, jitted, fastest of
 several calls), and records the fastest per layer shape in
 ``<cache>/tuning/<machine>.json`` (``cache.root()``, one file per CPU model and
 instruction set, or accelerator kind). Layers look their shape up there when
@@ -38,7 +39,7 @@ import numpy as np
 from p2p_jax import cache, runtime
 
 MIN_FLOPS = 10 ** 8
-_VERSION = 1
+_VERSION = 2  # 2: only formulations that keep no more memory than the default compete.
 # A formulation replaces the static choice only when it is at least this much faster.
 _MARGIN = 0.05
 # A candidate whose first timed call is this many times the fastest so far is dropped untimed further.
@@ -54,6 +55,12 @@ class Site:
   formulations: Mapping[str, Callable]
   default: str  # The static table's choice.
   flops: int  # Of the forward pass.
+
+  def in_float32(self) -> "Site":
+    """The same convolution in float32."""
+    as_float32 = lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32)
+    return dataclasses.replace(self, key=f"{self.key.rsplit(' ', 1)[0]} float32", x=as_float32(self.x),
+                               kernel=as_float32(self.kernel))
 
 
 def site(kind: str, x, kernel_shape: Sequence[int], stride: int, padding: int, dtype,
@@ -88,7 +95,7 @@ def record_path():
 
 
 def _read_records() -> Dict[str, dict]:
-  """``{site key: {"choice": name, "ms": {name: ms}}}`` from this machine's file; {} if none or unusable."""
+  """``{site key: measure()'s result}`` from this machine's file; {} if none or unusable."""
   path = record_path()
   if path is None:
     return {}
@@ -96,8 +103,8 @@ def _read_records() -> Dict[str, dict]:
     data = json.loads(path.read_text())
     if data["version"] != _VERSION or data["jax"] != jax.__version__:
       return {}  # Another JAX may rank the formulations differently: measure again.
-    records = {str(key): {"choice": str(value["choice"]), "ms": dict(value["ms"])}
-               for key, value in data["sites"].items()}
+    records = {str(key): {"choice": str(value["choice"]), "ms": dict(value["ms"]),
+                          "kept_mib": dict(value["kept_mib"])} for key, value in data["sites"].items()}
   except (OSError, ValueError, TypeError, KeyError, AttributeError):  # None, damaged or of another layout.
     return {}
   return records
@@ -183,17 +190,29 @@ def time_formulation(formulation: Callable, traced: Site, limit_ms: float = math
   return 1000 * min(times)
 
 
-def measure(traced: Site, timer: Optional[Callable] = None) -> dict:
-  """``{"choice": name, "ms": {name: ms}}``: the formulations of ``traced`` timed, the static default first.
+def kept_bytes(formulation: Callable, traced: Site) -> int:
+  """Bytes ``formulation``'s forward pass keeps for its backward one: what a train step holds per call."""
+  backward = jax.eval_shape(lambda x, kernel: jax.vjp(formulation, x, kernel)[1], traced.x, traced.kernel)
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(backward))
 
-  The fastest wins if it beats the default by ``_MARGIN``. One far slower
-  than the fastest so far is cut off after one call (its time then only says
-  it lost); for a batch of several, one far slower than the default on one
-  example is not run on the whole batch (XLA:CPU's transposed convolution
-  takes seconds there).
+
+def measure(traced: Site, timer: Optional[Callable] = None) -> dict:
+  """``{"choice": name, "ms": {name: ms}, "kept_mib": {name: MiB}}`` for the formulations of ``traced``.
+
+  Only formulations that keep no more for the backward pass than the static
+  default are timed (the default first): in a whole step those bytes live
+  from the forward to the backward pass, so an im2col matmul, which keeps
+  patches four times its input, raised the peak by a gigabyte at 512 px
+  without making the step faster (BENCHMARKS.md). The fastest wins if it
+  beats the default by ``_MARGIN``. One far slower than the fastest so far is
+  cut off after one call (its time then only says it lost); for a batch of
+  several, one far slower than the default on one example is not run on the
+  whole batch (XLA:CPU's transposed convolution takes seconds there).
   """
   timer = timer or time_formulation
-  names = [traced.default] + sorted(name for name in traced.formulations if name != traced.default)
+  kept = {name: kept_bytes(f, traced) for name, f in traced.formulations.items()}
+  names = [traced.default] + sorted(name for name in traced.formulations
+                                    if name != traced.default and kept[name] <= kept[traced.default])
   if traced.x.shape[0] > 1:
     single = dataclasses.replace(traced, x=jax.ShapeDtypeStruct((1, *traced.x.shape[1:]), traced.x.dtype))
     screen = _time_each(single, names, timer)
@@ -201,7 +220,7 @@ def measure(traced: Site, timer: Optional[Callable] = None) -> dict:
   ms = _time_each(traced, names, timer)
   best = min(ms, key=ms.get)
   chosen = best if ms[best] < (1 - _MARGIN) * ms[traced.default] else traced.default
-  return {"choice": chosen, "ms": ms}
+  return {"choice": chosen, "ms": ms, "kept_mib": {name: round(b / 2 ** 20, 3) for name, b in sorted(kept.items())}}
 
 
 def _time_each(traced: Site, names: Sequence[str], timer: Callable) -> Dict[str, float]:
@@ -223,6 +242,23 @@ def _write_records(measured: Dict[str, dict]) -> None:
   cache.write_json(path, data, "the measured formulations")
 
 
+def _measure_new(sites: Sequence[Site], records: Dict[str, dict], timer: Optional[Callable]) -> None:
+  """Measures the sites ``records`` lacks, logging each, and adds them to it and to the record file."""
+  todo = [s for s in sites if s.key not in records]
+  if not todo:
+    return
+  logging.info("Measuring the formulations of %d convolution shapes on this machine (once per machine and "
+               "shape; recorded in %s).", len(todo), record_path() or "memory only: caching is off")
+  start, measured = time.perf_counter(), {}
+  for s in todo:
+    measured[s.key] = measure(s, timer)
+    logging.info("  %s: %s (%s ms)", s.key, measured[s.key]["choice"],
+                 ", ".join(f"{name} {ms:g}" for name, ms in measured[s.key]["ms"].items()))
+  logging.info("Measured in %.1f s.", time.perf_counter() - start)
+  _write_records(measured)
+  records.update(measured)
+
+
 def tune(pix2pix, batch, *, min_flops: Optional[int] = None, timer: Optional[Callable] = None) -> Dict[str, str]:
   """Measures the formulations of ``pix2pix``'s convolutions for batches like ``batch``; returns the choices.
 
@@ -231,7 +267,9 @@ def tune(pix2pix, batch, *, min_flops: Optional[int] = None, timer: Optional[Cal
   effect in this process for everything traced after. With several processes,
   process 0 measures and every process uses its choices, so that all compile
   the same program. Sites with nothing to choose, or under ``min_flops``
-  (``MIN_FLOPS``), keep the static default. ``timer`` (``time_formulation``)
+  (``MIN_FLOPS``), keep the static default. For a step in reduced precision
+  the float32 layers are measured too, and a warning says when those are
+  faster (bf16 without bf16 matrix units). ``timer`` (``time_formulation``)
   is for tests.
   """
   min_flops = MIN_FLOPS if min_flops is None else min_flops
@@ -241,20 +279,18 @@ def tune(pix2pix, batch, *, min_flops: Optional[int] = None, timer: Optional[Cal
   chosen = {}
   if jax.process_index() == 0:
     records = _read_records()
-    todo = [s for key, s in sites.items() if key not in records]
-    if todo:
-      logging.info("Measuring the formulations of %d convolution shapes on this machine (once per "
-                   "machine and shape; recorded in %s).", len(todo), record_path() or "memory only: caching is off")
-    start, measured = time.perf_counter(), {}
-    for s in todo:
-      measured[s.key] = measure(s, timer)
-      logging.info("  %s: %s (%s ms)", s.key, measured[s.key]["choice"],
-                   ", ".join(f"{name} {ms:g}" for name, ms in measured[s.key]["ms"].items()))
-    if todo:
-      logging.info("Measured in %.1f s.", time.perf_counter() - start)
-    _write_records(measured)
-    records.update(measured)
+    _measure_new(sites.values(), records, timer)
     chosen = {key: records[key]["choice"] for key in sites}
+    reduced = [s for s in sites.values() if s.x.dtype != jnp.float32]
+    if reduced:  # Say so when the reduced precision is the slower one here.
+      full = [s.in_float32() for s in reduced]
+      _measure_new(full, records, timer)
+      fastest = lambda group: sum(records[s.key]["ms"][records[s.key]["choice"]] for s in group)
+      if fastest(reduced) > fastest(full):
+        logging.warning(
+            "On this machine the convolutions of this step run %.2fx slower in %s than in float32 (%.1f against "
+            "%.1f ms, measured layer by layer): config.model.dtype=float32 is faster here.",
+            fastest(reduced) / fastest(full), reduced[0].x.dtype.name, fastest(reduced), fastest(full))
   if jax.process_count() > 1 and sites:
     names = {key: sorted(s.formulations) for key, s in sites.items()}
     index = np.asarray([names[key].index(chosen[key]) if chosen else 0 for key in sites], np.int32)

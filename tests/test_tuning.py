@@ -81,8 +81,9 @@ def test_tune_records_the_fastest_and_the_layers_run_it(tmp_path):
   record = json.loads(tuning.record_path().read_text())
   assert tuning.record_path().parent == tmp_path / "cache" / "tuning"
   assert record["jax"] == jax.__version__ and len(record["sites"]) == 13
-  assert record["sites"]["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"] == {
-      "choice": "xla", "ms": {"matmul": 10.0, "strided": 10.0, "xla": 1.0}}
+  down_0 = record["sites"]["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
+  assert down_0["choice"] == "xla" and down_0["ms"] == {"matmul": 10.0, "strided": 10.0, "xla": 1.0}
+  assert set(down_0["kept_mib"]) == {"matmul", "strided", "xla"}
   tuning.reset()  # A new process reads the choices from the record.
   assert "lhs_dilate = [2, 2]" in generator_text()
 
@@ -116,7 +117,24 @@ def test_the_default_stays_unless_another_is_clearly_faster():
   close = {"matmul": 10.0, "xla": 9.7, "strided": 9.8}
   assert tuning.measure(site, timer(close))["choice"] == "matmul"
   clear = {"matmul": 10.0, "xla": 9.4, "strided": 9.8}
-  assert tuning.measure(site, timer(clear)) == {"choice": "xla", "ms": {"matmul": 10.0, "strided": 9.8, "xla": 9.4}}
+  measured = tuning.measure(site, timer(clear))
+  assert measured["choice"] == "xla" and measured["ms"] == {"matmul": 10.0, "strided": 9.8, "xla": 9.4}
+
+
+def test_a_formulation_that_keeps_more_for_the_backward_pass_is_not_a_candidate():
+  """At 64 px the static choice is strided_conv (keeps its input); an im2col matmul keeps 4x that."""
+  site = tuning.step_sites(tiny_pix2pix(), _batch(size=64))["conv 1x64x64x3 k4x4x3x8 s2 p1 float32"]
+  assert site.default == "strided"
+  timed = []
+
+  def prefer_matmul(formulation, traced, limit_ms):
+    timed.append(_name(formulation, traced))
+    return 1.0 if timed[-1] == "matmul" else 10.0
+  measured = tuning.measure(site, prefer_matmul)
+  assert measured["choice"] == "strided" and sorted(timed) == ["strided", "xla"]
+  kept = measured["kept_mib"]
+  assert kept["matmul"] > 3 * kept["strided"] and kept["xla"] == kept["strided"]
+  assert kept["strided"] == round((64 * 64 * 3 + 4 * 4 * 3 * 8) * 4 / 2 ** 20, 3)  # The input and the kernel.
 
 
 def test_a_far_slower_formulation_is_cut_off_after_one_call():
@@ -208,5 +226,26 @@ def test_a_batch_runs_only_the_formulations_not_far_slower_on_one_example():
     name = _name(formulation, traced)
     timed.append((name, traced.x.shape[0]))
     return {"matmul": 1.0, "conv_transpose": 2.5}[name] * traced.x.shape[0]
-  assert tuning.measure(site, timer) == {"choice": "matmul", "ms": {"matmul": 2.0}}
+  measured = tuning.measure(site, timer)
+  assert measured["choice"] == "matmul" and measured["ms"] == {"matmul": 2.0}
   assert timed == [("matmul", 1), ("conv_transpose", 1), ("matmul", 2)]
+
+
+def test_bfloat16_says_when_float32_is_faster_here(caplog):
+  pix2pix = tiny_pix2pix(dtype="bfloat16")
+  in_bf16 = lambda slower: lambda f, site, limit: (slower if site.x.dtype == jnp.bfloat16 else 1.0)
+  with caplog.at_level("WARNING"):
+    chosen = tuning.tune(pix2pix, _batch(), min_flops=0, timer=in_bf16(1.5))
+  assert all(key.endswith(" bfloat16") for key in chosen) and len(chosen) == 13
+  record = json.loads(tuning.record_path().read_text())["sites"]
+  assert len(record) == 26  # The same layers in float32, measured beside them.
+  assert ("convolutions of this step run 1.50x slower in bfloat16 than in float32 (19.5 against 13.0 ms, "
+          "measured layer by layer): config.model.dtype=float32 is faster here") in caplog.text
+
+  caplog.clear()
+  tuning.reset()
+  record_path = tuning.record_path()
+  record_path.unlink()
+  with caplog.at_level("WARNING"):
+    tuning.tune(pix2pix, _batch(), min_flops=0, timer=in_bf16(0.5))
+  assert "slower in bfloat16" not in caplog.text
