@@ -1,6 +1,7 @@
 r"""Times the compiled train_step (or the input pipeline, checkpoints, exported generators).
 
     python -m experiments.benchmark --size 256 --batch 1 --steps 10
+    python -m experiments.benchmark --size 256 --nomeasured_formulations  # the static table, not p2p_jax.tuning's
     python -m experiments.benchmark --size 256 --profile  # also op time per layer
     python -m experiments.benchmark --size 256 --floor    # also the ratio to the FLOP floor
     python -m experiments.benchmark --data --dataset ../shared/data/people2outline
