@@ -199,11 +199,10 @@ class Conv(nn.Module):
     kernel = self.param("kernel", conv_init, (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    impl = resolve_conv_impl(self.impl, x.shape[1])
     if self.impl == "auto":
       site = self.tuning_site(x)
       y = site.formulations[tuning.choice(site)](x, kernel)
-    elif impl == "matmul":
+    elif resolve_conv_impl(self.impl, x.shape[1]) == "matmul":
       y = conv_matmul(x, kernel, self.stride, self.padding)
     else:
       y = conv_xla(x, kernel, self.stride, self.padding)
