@@ -3,7 +3,7 @@ r"""Times the compiled train_step (or the input pipeline, checkpoints, exported 
     python -m experiments.benchmark --size 256 --batch 1 --steps 10
     python -m experiments.benchmark --size 256 --nomeasured_formulations  # the static table, not p2p_jax.tuning's
     python -m experiments.benchmark --size 256 --profile  # also op time per layer
-    python -m experiments.benchmark --size 256 --floor    # also the ratio to the FLOP floor
+    python -m experiments.benchmark --size 256 --floor    # also the ratio to the FLOP floor (at --dtype's matmul rate)
     python -m experiments.benchmark --data --dataset ../shared/data/people2outline
     python -m experiments.benchmark --checkpoint --size 256  # save and restore, with checksums
     python -m experiments.benchmark --export --size 256 --batch 8  # translate vs ONNX / SavedModel / StableHLO
@@ -74,8 +74,9 @@ flags.DEFINE_bool("region_analysis", True, "Compile with runtime.COMPILER_OPTION
 flags.DEFINE_bool("measured_formulations", True, "Run the convolution formulations measured fastest on this "
                   "machine for these shapes (p2p_jax.tuning; measured first if new, as experiments.train does); "
                   "--nomeasured_formulations runs the static table.")
-flags.DEFINE_bool("floor", False, "Also time a large float32 matmul and report the step against its compute "
-                  "floor: XLA's FLOP count at that rate.")
+flags.DEFINE_bool("floor", False, "Also time a large matmul in --dtype (bfloat16: bf16 operands, float32 "
+                  "result, as p2p_jax.layers.matmul runs it) and report the step against its compute floor: "
+                  "XLA's FLOP count at that rate.")
 flags.DEFINE_bool("data", False, "Time the input pipeline instead of the train step.")
 flags.DEFINE_bool("checkpoint", False, "Time saving and restoring the whole state (with its checksums) "
                   "instead of the train step.")
@@ -190,15 +191,21 @@ def profile(compiled, call, calls: int = 3) -> Tuple[collections.Counter, collec
   return by_layer, by_op
 
 
-def matmul_gflops(n: int = 4096, calls: int = 3) -> float:
-  """This machine's float32 matmul rate (the best of a few ``n x n`` products), GFLOP/s."""
-  a = jnp.ones((n, n), jnp.float32)
-  product = jax.jit(jnp.matmul)
-  jax.block_until_ready(product(a, a))
+def floor_product(dtype, n: int = 4096):
+  """The ``n x n`` product that sets the floor, and its operands: bf16 inputs multiply into
+  float32 (``layers.matmul``'s form, the one XLA:CPU runs on bf16 dot-product units)."""
+  a = jnp.ones((n, n), dtype)
+  return jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32)), (a, a)
+
+
+def matmul_gflops(dtype=jnp.float32, n: int = 4096, calls: int = 3) -> float:
+  """This machine's matmul rate in ``dtype`` (the best of a few ``n x n`` products), GFLOP/s."""
+  product, operands = floor_product(dtype, n)
+  jax.block_until_ready(product(*operands))
   times = []
   for _ in range(calls):
     start = time.perf_counter()
-    jax.block_until_ready(product(a, a))
+    jax.block_until_ready(product(*operands))
     times.append(time.perf_counter() - start)
   return 2 * n ** 3 / min(times) / 1e9
 
@@ -268,7 +275,7 @@ def benchmark_train() -> None:
     # matmul's operands must not count towards it.
     floor["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     gflop = compiled.cost_analysis()["flops"] / 1e9 / FLAGS.steps_per_call
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(jnp.dtype(FLAGS.dtype))
     floor.update(gflop_per_step=round(gflop, 3), matmul_gflops=round(gflops, 1),
                  floor_ms=round(1000 * gflop / gflops, 3), ratio_to_floor=round(per_step * gflops / gflop, 2))
   _report(dict(**floor, mode="train", size=FLAGS.size, batch=FLAGS.batch, devices=FLAGS.devices,

@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 
 from absl import app
@@ -75,6 +76,16 @@ def test_a_small_run_reports_one_json_line_a_profile_and_the_floor(capsys):
   assert any("UNetGenerator/up_0 backward" in line for line in lines[:-1])
   assert any("PatchDiscriminator/conv_0 forward" in line for line in lines[:-1])
   assert sum(line.startswith("profile op ") for line in lines) == 3
+
+
+def test_the_bf16_floor_times_bf16_operands_multiplied_into_float32():
+  # The rate a bf16 step is held to is that of the form layers.matmul runs:
+  # not a float32 product, nor a bf16 result (slower on every CPU measured).
+  product, (a, b) = benchmark.floor_product(jnp.bfloat16, n=64)
+  assert a.dtype == b.dtype == jnp.bfloat16
+  result = product(a, b)
+  assert result.dtype == jnp.float32 and float(result[0, 0]) == 64.0
+  assert benchmark.floor_product(jnp.float32, n=64)[1][0].dtype == jnp.float32
 
 
 def test_a_small_checkpoint_run_reports_save_restore_and_the_checksums_share(capsys):
