@@ -338,6 +338,15 @@ def to_model_range(a, b, bits: Tuple[int, int], config: ml_collections.ConfigDic
   return images.to_unit_range(a, bits[0]), images.to_unit_range(b, bits[1])
 
 
+def _traced_as_written(function):
+  """``function`` for tf.data to trace without autograph, whose conversion costs a start ~1 s.
+
+  Nothing here branches in Python on a tensor (``tf.cond`` does), so there is
+  nothing for autograph to convert.
+  """
+  return tf.autograph.experimental.do_not_convert(function)
+
+
 def _fold_in(seed, *data):
   for value in data:
     seed = tf.random.experimental.stateless_fold_in(seed, value)
@@ -360,10 +369,10 @@ def _stream_positions(num: int, seed: int, start_step: int, global_batch: int, l
 
   mine = lambda position, epoch, index: (position % global_batch) // local_batch == process_index
   return (tf.data.Dataset.range(first // num, np.iinfo(np.int64).max)
-          .flat_map(epoch_positions)
+          .flat_map(_traced_as_written(epoch_positions))
           .skip(first % num)
-          .filter(mine)
-          .map(lambda position, epoch, index: (epoch, index)))
+          .filter(_traced_as_written(mine))
+          .map(_traced_as_written(lambda position, epoch, index: (epoch, index))))
 
 
 def _check_one_size(config: ml_collections.ConfigDict, source: PairSource) -> None:
@@ -412,7 +421,7 @@ def make_train_dataset(config: ml_collections.ConfigDict, *, start_step: int = 0
 
   options = tf.data.Options()
   options.deterministic = True
-  return (positions.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return (positions.map(_traced_as_written(load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
           .batch(local_batch, drop_remainder=True)
           .prefetch(tf.data.AUTOTUNE)
           .with_options(options))
@@ -444,8 +453,9 @@ def make_eval_dataset(config: ml_collections.ConfigDict, *, batch_size: Optional
     return shape[0] * (1 << 32) + shape[1]
 
   return (tf.data.Dataset.range(source.num_examples)
-          .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-          .group_by_window(shape_key, lambda _, window: window.batch(batch_size), window_size=batch_size)
+          .map(_traced_as_written(load), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+          .group_by_window(_traced_as_written(shape_key),
+                           _traced_as_written(lambda _, window: window.batch(batch_size)), window_size=batch_size)
           .prefetch(tf.data.AUTOTUNE))
 
 
