@@ -11,12 +11,14 @@ keeps.
 
 import functools
 import math
+import operator
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from p2p_jax import tuning
 
@@ -101,6 +103,12 @@ def _pick(table, backend_default: str, side: int) -> str:
   return backend_default
 
 
+def _zero_pad(x, widths):
+  """``x`` with ``(low, high)`` zeros on each axis: ``jnp.pad``'s constant mode as one ``lax.pad``,
+  which traces many times faster (the networks trace at every start)."""
+  return lax.pad(x, np.zeros((), x.dtype), [(low, high, 0) for low, high in widths])
+
+
 def matmul(a, b):
   """``a @ b`` accumulated in (at least) float32 and rounded to ``a``'s dtype once.
 
@@ -131,15 +139,22 @@ def conv_matmul(x, kernel, stride: int, padding):
   """
   kh, kw, cin, cout = kernel.shape
   ph, pw = (padding, padding) if isinstance(padding, int) else padding
-  x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  x = _zero_pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   n, height, width, _ = x.shape
   out_h, out_w = (height - kh) // stride + 1, (width - kw) // stride + 1
-  window = lambda t, i, j: t[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+
+  def window(t, i, j, first_channel, channels):
+    """The output-sized window of ``t`` at offset (i, j), strided, of channels [first, first + channels)."""
+    return lax.slice(t, (0, i, j, first_channel),
+                     (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, first_channel + channels),
+                     (1, stride, stride, 1))
+
   if out_h * out_w * cin <= height * width * cout:
-    columns = [window(x, i, j) for i in range(kh) for j in range(kw)]
-    return matmul(jnp.concatenate(columns, axis=-1), kernel.reshape(kh * kw * cin, cout))
-  taps = matmul(x, kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout)).reshape(n, height, width, kh, kw, cout)
-  return sum(window(taps[..., i, j, :], i, j) for i in range(kh) for j in range(kw))
+    columns = [window(x, i, j, 0, cin) for i in range(kh) for j in range(kw)]
+    return matmul(lax.concatenate(columns, 3), kernel.reshape(kh * kw * cin, cout))
+  taps = matmul(x, kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout))  # channel (i * kw + j) * cout + c
+  return functools.reduce(operator.add, (window(taps, i, j, (i * kw + j) * cout, cout)
+                                         for i in range(kh) for j in range(kw)))
 
 
 CONV_IMPLS = ("auto", "xla", "matmul")
@@ -236,23 +251,25 @@ def overlap_add(patches):
   order of magnitude slower on CPU (BENCHMARKS.md). Being a ``custom_vjp``, it
   supports reverse-mode differentiation only, which is what training uses.
   """
-  tap = lambda a, b: patches[:, :, :, a, b]
-  phases = [[sum(jnp.pad(tap(2 * q_row + p_row, 2 * q_col + p_col),
-                         ((0, 0), (q_row, 1 - q_row), (q_col, 1 - q_col), (0, 0)))
-                 for q_row in (0, 1) for q_col in (0, 1))
+  n, h, w, _, _, c = patches.shape
+  flat = patches.reshape(n, h, w, 16 * c)
+  tap = lambda a, b: lax.slice_in_dim(flat, (4 * a + b) * c, (4 * a + b + 1) * c, axis=3)
+  phases = [[functools.reduce(operator.add, (
+      _zero_pad(tap(2 * q_row + p_row, 2 * q_col + p_col), ((0, 0), (q_row, 1 - q_row), (q_col, 1 - q_col), (0, 0)))
+      for q_row in (0, 1) for q_col in (0, 1)))
              for p_col in (0, 1)] for p_row in (0, 1)]
   # Interleave the phases: (n, h+1, p_row, w+1, p_col, c), then crop the padding of 1.
-  y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)
-  n, h, _, w, _, c = y.shape
-  return y.reshape(n, 2 * h, 2 * w, c)[:, 1:-1, 1:-1]
+  y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2).reshape(n, 2 * h + 2, 2 * w + 2, c)
+  return lax.slice(y, (0, 1, 1, 0), (n, 2 * h + 1, 2 * w + 1, c))
 
 
 def _overlap_add_transpose(dy):
   """Each tap's cotangent: the output pixel it landed on (padded row ``2(i + q) + p``)."""
   n, height, width, c = dy.shape
   h, w = height // 2, width // 2
-  rows = jnp.pad(dy, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(n, h + 1, 2, w + 1, 2, c)
-  shifted = jnp.stack([jnp.stack([rows[:, q:q + h, :, s:s + w] for s in (0, 1)]) for q in (0, 1)])
+  rows = _zero_pad(dy, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(n, h + 1, 2, w + 1, 2, c)
+  shifted = jnp.stack([jnp.stack([lax.slice(rows, (0, q, 0, s, 0, 0), (n, q + h, 2, s + w, 2, c)) for s in (0, 1)])
+                       for q in (0, 1)])
   # (q, s, n, i, p, j, t, c) -> (n, i, j, a = 2q + p, b = 2s + t, c)
   return shifted.transpose(2, 3, 5, 0, 4, 1, 6, 7).reshape(n, h, w, 4, 4, c)
 
