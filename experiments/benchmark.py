@@ -52,6 +52,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
+import experiments  # noqa: E402
 from p2p_jax import configuration, layers, parallel, recipe, runtime, train, tuning  # noqa: E402
 
 flags.DEFINE_integer("size", 256, "Image side, a power of 2; the U-Net gets log2(size) levels (unet_256 for 256).")
@@ -536,4 +537,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

@@ -14,8 +14,9 @@ best by FID in DIR/eval/<split>_<mode>_all.json.
 import json
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+import experiments
 from experiments import cli
 from p2p_jax import inference, train
 
@@ -48,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

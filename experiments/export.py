@@ -8,8 +8,9 @@ The model takes ``images`` and returns ``translated`` (a batch of any size),
 as the metadata it carries says (p2p_jax.export).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+import experiments
 from experiments import cli
 from p2p_jax import export, train
 
@@ -42,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

@@ -23,6 +23,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+import experiments
 from experiments import cli
 from p2p_jax import checkpoint, trainer
 
@@ -165,4 +166,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  experiments.run(main, flags_parser=parse_flags)

@@ -12,8 +12,9 @@ at the input's size and bit depth, is saved as OUT_DIR/<name>.png (.tif for
 channel counts other than 1 and 3).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+import experiments
 from experiments import cli
 from p2p_jax import inference, train
 
@@ -43,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  experiments.run(main)

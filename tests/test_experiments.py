@@ -1,5 +1,7 @@
 """The entry points as users run them (subprocesses), and the presets in experiments/configs."""
 
+import gc
+import os
 import pathlib
 import re
 import shutil
@@ -284,3 +286,21 @@ def test_the_demo_is_synthetic_and_small(synthetic_dir):
   assert config.dataset == "synthetic" and config.crop_size <= 64
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
   assert recipe.total_steps(config, steps_per_epoch) == 10 * 256 // config.batch_size
+
+
+@pytest.mark.parametrize("module", ["train", "evaluate", "translate", "export", "benchmark"])
+def test_an_entry_point_runs_with_the_collector_on_and_its_imports_frozen(module, tmp_path):
+  """``python -m experiments.<module>`` holds the garbage collector off during its imports only."""
+  (tmp_path / "sitecustomize.py").write_text(
+      "import atexit, gc, sys\n"
+      "atexit.register(lambda: sys.stderr.write(f'collector on={gc.isenabled()} frozen={gc.get_freeze_count()}\\n'))\n")
+  env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"}
+  result = subprocess.run(_command(module, "--helpshort"), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+  on, frozen = re.search(r"collector on=(\w+) frozen=(\d+)", result.stderr).groups()
+  assert on == "True" and int(frozen) > 100_000, result.stderr[-2000:]
+
+
+def test_importing_the_entry_points_package_leaves_the_collector_on():
+  import experiments  # pylint: disable=g-import-not-at-top,unused-import
+  assert gc.isenabled()
