@@ -154,3 +154,111 @@ def test_a_moved_folder_is_scanned_anew(cache_root, tmp_path, monkeypatch):
   decoded = _counting_inspect(monkeypatch)
   images.decode_all(_folder_of_images(tmp_path / "two"))
   assert len(decoded) == 3
+
+
+# A process that runs one KeptExecutable and prints how often its function was traced, and the result.
+_KEPT_PROGRAM = """
+import jax, jax.numpy as jnp, numpy as np
+from absl import logging
+from p2p_jax import cache
+logging.set_verbosity(logging.INFO)
+traces = []
+def program(key, x):
+  traces.append(1)
+  return jax.random.normal(key, (48, 48)) @ jnp.sin(x) + 1.0
+kept = cache.KeptExecutable(jax.jit(program), {"program": "test"}, jax.devices()[:1])
+result = np.asarray(kept(jax.random.key(3), jnp.ones((48, 48))))
+print(len(traces), result.sum().tolist())
+"""
+
+
+def _run_kept_program(ours, jax_cache):
+  """(times traced, result, stderr) of _KEPT_PROGRAM with these cache folders (``ours`` "off" for none)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env.update({cache.ENV: str(ours), "JAX_COMPILATION_CACHE_DIR": str(jax_cache),
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+  done = subprocess.run([sys.executable, "-c", _KEPT_PROGRAM], env=env, check=True, capture_output=True, text=True)
+  traces, result = done.stdout.split()
+  return int(traces), float(result), done.stderr
+
+
+def _kept_files(ours):
+  return sorted((ours / "executables").rglob("*.bin"))
+
+
+def test_a_kept_executable_runs_in_the_next_process_without_tracing_and_gives_the_same(tmp_path):
+  traces, result, _ = _run_kept_program(tmp_path / "ours", tmp_path / "jax")
+  assert traces == 1 and len(_kept_files(tmp_path / "ours")) == 1
+  traces_again, result_again, log = _run_kept_program(tmp_path / "ours", tmp_path / "jax")
+  assert "Loaded the kept executable of test" in log
+  assert traces_again == 0 and result_again == result
+
+
+def test_a_program_jax_loaded_from_its_own_cache_is_not_kept(tmp_path):
+  # XLA:CPU serialises such a program without its functions: kept, it would fail in the next process.
+  _, result, _ = _run_kept_program("off", tmp_path / "jax")
+  assert _run_kept_program(tmp_path / "ours", tmp_path / "jax")[1] == result
+  assert not _kept_files(tmp_path / "ours")
+  assert _run_kept_program(tmp_path / "ours", tmp_path / "jax")[1] == result
+
+
+def test_the_key_changes_with_the_description_the_arguments_and_the_sources(cache_root, monkeypatch):
+  devices = jax.devices()[:1]
+  x, key = np.ones((4, 4), np.float32), {"program": "p", "config": {"lr": 1}}
+  path = cache.executable_path(key, (x,), devices)
+  assert path.parent == cache_root / "executables" / cache.machine_key()
+  assert cache.executable_path(dict(key), (x.copy(),), devices) == path
+  assert cache.executable_path({"program": "p", "config": {"lr": 2}}, (x,), devices) != path
+  assert cache.executable_path(key, (np.ones((4, 5), np.float32),), devices) != path
+  assert cache.executable_path(key, (x.astype(np.float16),), devices) != path
+  assert cache.executable_path(key, ((x,),), devices) != path
+  assert cache.executable_path(key, (x,), jax.devices()[1:2]) != path
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_thunk_runtime=true")
+  assert cache.executable_path(key, (x,), devices) != path
+  monkeypatch.undo()
+  monkeypatch.setattr(cache, "_source_stamps", lambda: "edited")
+  assert cache.executable_path(key, (x,), devices) != path
+
+
+def test_the_source_stamps_change_when_a_traced_file_is_touched(tmp_path, monkeypatch):
+  package = tmp_path / "fake_package"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  (package / "module.py").write_text("x = 1\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setattr(cache, "_TRACED_PACKAGES", ("fake_package",))
+  cache._source_stamps.cache_clear()
+  try:
+    before = cache._source_stamps()
+    cache._source_stamps.cache_clear()
+    (package / "module.py").write_text("x = 2\n")  # The same size: the modification time tells.
+    os.utime(package / "module.py", ns=(1, 1))
+    assert cache._source_stamps() != before
+  finally:
+    cache._source_stamps.cache_clear()
+
+
+def test_with_caching_off_a_kept_executable_is_the_jitted_function(monkeypatch):
+  monkeypatch.setenv(cache.ENV, "off")
+  assert cache.executable_path({"program": "p"}, (np.ones(2),), jax.devices()[:1]) is None
+  kept = cache.KeptExecutable(jax.jit(lambda x: x + 1), {"program": "p"}, jax.devices()[:1])
+  np.testing.assert_array_equal(kept(np.ones(2)), np.full(2, 2.0))
+
+
+def test_a_damaged_kept_executable_is_named_and_the_program_compiled_instead(cache_root, caplog):
+  devices, x = jax.devices()[:1], np.full((3,), 2.0, np.float32)
+  path = cache.executable_path({"program": "damaged"}, (x,), devices)
+  path.parent.mkdir(parents=True)
+  path.write_bytes(b"not an executable")
+  kept = cache.KeptExecutable(jax.jit(lambda v: v * 3), {"program": "damaged"}, devices)
+  with caplog.at_level("WARNING"):
+    np.testing.assert_array_equal(kept(x), np.full((3,), 6.0))
+  assert f"Could not load the kept executable of damaged from {path}" in caplog.text
+
+
+def test_only_the_most_recently_used_executables_are_kept(tmp_path):
+  for i in range(5):
+    (tmp_path / f"{i}.bin").write_bytes(b"")
+    os.utime(tmp_path / f"{i}.bin", ns=(i * 10**9, i * 10**9))
+  cache._prune(tmp_path, 3)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["2.bin", "3.bin", "4.bin"]
