@@ -160,7 +160,7 @@ def main(argv):
   logging.info("JAX process %d of %d, local devices: %s", jax.process_index(),
                jax.process_count(), jax.local_devices())
   try:
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir, keep_executables=True)
   except cli.USER_ERRORS as error:  # OSError: e.g. a --workdir that cannot be written.
     cli.exit_with(error, {"workdir": "--workdir"})
 

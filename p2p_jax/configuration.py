@@ -9,7 +9,7 @@ with; ``upgrade`` turns one written by an older p2p_jax into today's keys
 Errors name keys as ``config.<key>``; the entry points say ``--config.<key>``.
 """
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import ml_collections
@@ -139,6 +139,12 @@ def flatten(config) -> Dict[str, Any]:
         flat[f"{prefix}{key}"] = value
     return flat
   return walk(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config, "")
+
+
+def outside_import_paths(config: ml_collections.ConfigDict) -> Tuple[str, ...]:
+  """The import paths in ``config.model``, ``.loss`` and ``.optim`` that name code outside p2p_jax."""
+  values = [value for section in ("model", "loss", "optim") for value in flatten(config[section]).values()]
+  return tuple(v for v in values if isinstance(v, str) and ":" in v and v.split(":")[0].split(".")[0] != "p2p_jax")
 
 
 def _unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:

@@ -34,8 +34,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from p2p_jax import (checkpoint, configuration, inference, input_pipeline, locking, parallel, perceptual,
+from p2p_jax import (cache, checkpoint, configuration, inference, input_pipeline, locking, parallel, perceptual,
                      progress, recipe, runtime, summaries, train, tuning)
+
+# Config keys that reach neither the initial state nor the step (how often to log, save and sample,
+# and how long to train): a run continued for more steps reuses the kept executables.
+# tests/test_trainer.py checks that changing each leaves both programs as they were.
+KEYS_OUTSIDE_THE_PROGRAMS = ("num_train_steps", "num_epochs", "log_every_steps", "checkpoint_every_steps",
+                             "sample_every_steps", "eval_every_steps", "keep_checkpoints", "num_sample_images")
 
 
 class NonFiniteError(FloatingPointError):
@@ -126,18 +132,34 @@ class _PendingMetrics:
     return scalars
 
 
-def _restore_or_init(manager, config, pix2pix, sharding, workdir) -> Tuple[train.TrainState, int]:
+def _program_description(config: ml_collections.ConfigDict, pix2pix: recipe.Pix2Pix, steps_per_epoch,
+                         batch) -> Dict:
+  """What the init and step programs of ``pix2pix = Pix2Pix.from_config(config)`` compute beyond the sources."""
+  return {"config": {key: value for key, value in configuration.flatten(config).items()
+                     if key not in KEYS_OUTSIDE_THE_PROGRAMS},
+          "steps_per_epoch": repr(steps_per_epoch), "formulations": tuning.step_choices(pix2pix, batch),
+          "compiler_options": runtime.compiler_options()}
+
+
+def _kept(jitted, description: Optional[Dict], program: str, mesh):
+  """``jitted`` as a ``cache.KeptExecutable`` when there is a description to key it by."""
+  if description is None:
+    return jitted
+  return cache.KeptExecutable(jitted, {**description, "program": program}, mesh.devices.flat)
+
+
+def _restore_or_init(manager, config, pix2pix, mesh, workdir, description) -> Tuple[train.TrainState, int]:
   """The newest intact checkpoint's state and step, or a fresh state at step 0.
 
   Damaged checkpoints newer than the intact one are set aside (moved to
   ``checkpoints_damaged/``, not deleted) with a warning; if none is intact,
   nothing is moved and the error says so.
   """
-  shapes = configuration.image_shapes(config)
+  shapes, sharding = configuration.image_shapes(config), NamedSharding(mesh, P())
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
-    init = lambda key: train.create_train_state(key, pix2pix, shapes)
-    return jax.jit(init, out_shardings=sharding)(jax.random.key(config.seed)), 0
+    init = jax.jit(lambda key: train.create_train_state(key, pix2pix, shapes), out_shardings=sharding)
+    return _kept(init, description, "init", mesh)(jax.random.key(config.seed)), 0
   damaged = []
   for step in steps:
     try:
@@ -162,7 +184,7 @@ def _restore_or_init(manager, config, pix2pix, sharding, workdir) -> Tuple[train
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
-                       pix2pix: Optional[recipe.Pix2Pix] = None) -> train.TrainState:
+                       pix2pix: Optional[recipe.Pix2Pix] = None, keep_executables: bool = False) -> train.TrainState:
   """Trains (or resumes training) into ``workdir``; returns the final state.
 
   The networks, optimisers and losses are ``pix2pix`` if given, else those
@@ -173,35 +195,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
   same one. Stops early, after saving, on SIGTERM or SIGINT; raises
   NonFiniteError on a non-finite loss, and a ValueError naming the config key
   for a setting it cannot run, before anything is written.
+
+  ``keep_executables`` keeps the compiled initialisation and step between
+  processes (``cache.KeptExecutable``), so that the next start of the same
+  run, or of one that differs only in ``KEYS_OUTSIDE_THE_PROGRAMS``, skips
+  tracing them: for the networks the config names, when all of them are
+  p2p_jax's own and nothing patched the library in this process
+  (``experiments.train`` turns it on).
   """
   # From the start: a signal during set-up (data, restore, compilation) must
   # not kill the process, it only stops it before the first step.
   stop = _StopRequest()
   with stop.installed():
-    return _train_and_evaluate(config, workdir, pix2pix, stop)
+    return _train_and_evaluate(config, workdir, pix2pix, stop, keep_executables)
 
 
-def _train_and_evaluate(config, workdir, pix2pix, stop: _StopRequest) -> train.TrainState:
+def _train_and_evaluate(config, workdir, pix2pix, stop: _StopRequest, keep_executables: bool) -> train.TrainState:
   workdir = checkpoint.workdir_path(workdir)
   mesh = parallel.make_mesh()
   configuration.check(config, num_devices=mesh.size, num_processes=jax.process_count(), pix2pix=pix2pix)
+  keep_executables &= pix2pix is None and not configuration.outside_import_paths(config)
   with locking.hold(workdir):
-    return _train(config, workdir, pix2pix, stop, mesh)
+    return _train(config, workdir, pix2pix, stop, mesh, keep_executables)
 
 
-def _train(config, workdir, pix2pix, stop: _StopRequest, mesh) -> train.TrainState:
+def _train(config, workdir, pix2pix, stop: _StopRequest, mesh, keep_executables: bool) -> train.TrainState:
   set_up_began = time.perf_counter()
   # The eval split first: it is usually the smaller, and a bad one is found before the long scan.
   eval_source = input_pipeline.pair_source(config, config.eval_split, named_by="config.eval_split")
   train_source = input_pipeline.pair_source(config, config.train_split, named_by="config.train_split")
   steps_per_epoch = input_pipeline.steps_per_epoch(config, train_source)
   pix2pix = pix2pix or recipe.Pix2Pix.from_config(config, steps_per_epoch=steps_per_epoch)
+  batch_shapes = {name: jax.ShapeDtypeStruct((config.batch_size, *example.shape), example.dtype)
+                  for name, example in configuration.image_shapes(config).items()}
   if runtime.enabled():  # Before anything traces the networks: "auto" layers then run what was measured.
-    tuning.tune(pix2pix, {name: jax.ShapeDtypeStruct((config.batch_size, *example.shape), example.dtype)
-                          for name, example in configuration.image_shapes(config).items()})
+    tuning.tune(pix2pix, batch_shapes)
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(parallel.DATA_AXIS))
+  description = (_program_description(config, pix2pix, steps_per_epoch, batch_shapes) if keep_executables
+                 else None)
   manager = checkpoint.make_manager(workdir, max_to_keep=config.keep_checkpoints)
-  state, start_step = _restore_or_init(manager, config, pix2pix, replicated, workdir)
+  state, start_step = _restore_or_init(manager, config, pix2pix, mesh, workdir, description)
   num_steps = recipe.total_steps(config, steps_per_epoch)
   if start_step >= num_steps:
     logging.info("Nothing to do: the checkpoint is at step %d of %d.", start_step, num_steps)
@@ -210,7 +243,7 @@ def _train(config, workdir, pix2pix, stop: _StopRequest, mesh) -> train.TrainSta
                "norm and dropout act on the global batch of %d.", start_step, num_steps,
                float(steps_per_epoch), mesh.size, jax.process_count(), config.batch_size)
 
-  step_fn = parallel.make_train_step(pix2pix, mesh)
+  step_fn = _kept(parallel.make_train_step(pix2pix, mesh), description, "train_step", mesh)
   sample_fn = jax.jit(inference.make_translate_fn(pix2pix.generator, "eval"), out_shardings=replicated)
   samples = next(input_pipeline.make_eval_dataset(
       config, batch_size=config.num_sample_images, source=eval_source).as_numpy_iterator())

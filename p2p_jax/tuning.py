@@ -161,6 +161,11 @@ def step_sites(pix2pix, batch) -> Dict[str, Site]:
   return sites
 
 
+def step_choices(pix2pix, batch) -> Dict[str, str]:
+  """The formulation each convolution of a step on ``batch`` runs, by site key: what tracing it reads here."""
+  return {key: choice(traced) for key, traced in sorted(step_sites(pix2pix, batch).items())}
+
+
 def time_formulation(formulation: Callable, traced: Site, limit_ms: float = math.inf,
                      repeats: int = 5, budget_s: float = 1.0) -> float:
   """Milliseconds of ``formulation``'s forward pass and both gradients: the fastest of up to ``repeats`` calls.

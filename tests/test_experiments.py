@@ -239,6 +239,22 @@ def test_sigterm_and_sigint_save_exit_0_and_the_same_command_resumes_exactly(tmp
   assert_states_equal(checkpoint.load_state(workdir), checkpoint.load_state(uninterrupted))
 
 
+def test_the_next_start_loads_the_kept_executables_and_trains_exactly_as_without(tmp_path, synthetic_dir):
+  # Fresh caches: the first run compiles both programs and keeps them (cache.KeptExecutable).
+  env = dict(os.environ, P2P_JAX_CACHE_DIR=str(tmp_path / "cache"), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))
+  logs = []
+  for name, steps in (("first", 2), ("second", 4)):  # A new run, 4 steps: another num_train_steps, same programs.
+    done = subprocess.run(_train_command(run_config(synthetic_dir, num_train_steps=steps), tmp_path / name),
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    logs.append(done.stderr)
+  assert "Loaded the kept executable" not in logs[0]
+  assert "Loaded the kept executable of init" in logs[1] and "Loaded the kept executable of train_step" in logs[1]
+  without = tmp_path / "without"
+  trainer.train_and_evaluate(run_config(synthetic_dir, num_train_steps=4), without)
+  assert_states_equal(checkpoint.load_state(tmp_path / "second"), checkpoint.load_state(without))
+
+
 def test_every_preset_loads_and_passes_validation():
   """Each file in experiments/configs is checked here, the paper's ones against the paper."""
   presets = {path.name for path in CONFIGS.glob("*.py")} - {"__init__.py"}

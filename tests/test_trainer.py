@@ -19,7 +19,7 @@ import pytest
 
 from p2p_jax import checkpoint, configuration, input_pipeline, locking, recipe, summaries, trainer
 from tests.conftest import (assert_states_equal, checkpoint_steps, run_config, snapshot,
-                            tensorboard_events, tiny_pix2pix)
+                            tensorboard_events, tiny_config, tiny_pix2pix)
 
 
 class _Stream:
@@ -355,3 +355,65 @@ def test_a_signal_is_announced_by_the_loop_not_inside_its_handler(caplog):
   assert [r.getMessage() for r in caplog.records] == [
       "Got SIGTERM: stopping after the current step, with a checkpoint of it (send it again to stop at "
       "once, without saving)."]
+
+
+def zero_term(inputs):
+  """A generator loss term outside p2p_jax, named by import path."""
+  return 0.0 * jnp.mean(inputs.fake)
+
+
+def _programs(config):
+  """The jaxprs of the initial state and of one step of ``Pix2Pix.from_config(config)``, as text."""
+  pix2pix = recipe.Pix2Pix.from_config(config, steps_per_epoch=7)
+  shapes = configuration.image_shapes(config)
+  init = lambda key: trainer.train.create_train_state(key, pix2pix, shapes)
+  state = jax.eval_shape(init, jax.random.key(0))
+  batch = {name: jax.ShapeDtypeStruct((config.batch_size, *x.shape), x.dtype) for name, x in shapes.items()}
+  step = jax.make_jaxpr(lambda s, b: trainer.train.train_step(s, b, pix2pix=pix2pix))(state, batch)
+  return str(jax.make_jaxpr(init)(jax.random.key(0))), str(step)
+
+
+@pytest.fixture(scope="module")
+def tiny_programs():
+  return _programs(tiny_config())
+
+
+@pytest.mark.parametrize("key", trainer.KEYS_OUTSIDE_THE_PROGRAMS)
+def test_keys_left_out_of_the_kept_executables_key_change_neither_program(tiny_programs, key):
+  # What makes it safe to leave them out of cache.KeptExecutable's key.
+  changed = tiny_config().copy_and_resolve_references()
+  with changed.unlocked():
+    changed[key] = 3 * (changed[key] if isinstance(changed[key], int) and changed[key] > 0 else 1) + 1
+  assert _programs(changed) == tiny_programs
+
+
+def test_the_program_texts_see_a_changed_setting(tiny_programs):
+  # The comparison above can fail: a setting that is in the key changes the step's text.
+  changed = tiny_config()
+  changed.optim.lr = 3e-4
+  assert _programs(changed)[1] != tiny_programs[1]
+
+
+def test_the_kept_programs_description_names_each_convolution_s_formulation(monkeypatch):
+  config = tiny_config()
+  pix2pix = recipe.Pix2Pix.from_config(config, steps_per_epoch=7)
+  batch = {name: jax.ShapeDtypeStruct((2, *x.shape), x.dtype) for name, x in configuration.image_shapes(config).items()}
+  monkeypatch.setattr(trainer.tuning, "_known", lambda: {})
+  static = trainer._program_description(config, pix2pix, 7, batch)
+  site = next(s for s in trainer.tuning.step_sites(pix2pix, batch).values() if s.default != "xla")
+  monkeypatch.setattr(trainer.tuning, "_known", lambda: {site.key: "xla"})
+  measured = trainer._program_description(config, pix2pix, 7, batch)
+  assert measured["formulations"] == {**static["formulations"], site.key: "xla"} != static["formulations"]
+
+
+@pytest.mark.parametrize("case", ["builtin", "outside_import_path", "pix2pix_given", "not_asked"])
+def test_executables_are_kept_only_when_asked_and_for_the_library_s_own_pieces(tmp_path, monkeypatch, case):
+  decided = []
+  monkeypatch.setattr(trainer, "_train", lambda *args: decided.append(args[-1]))
+  config = tiny_config()
+  config.batch_size = 4  # One example per fake device.
+  if case == "outside_import_path":
+    config.loss.terms.zero = {"fn": "tests.test_trainer:zero_term", "weight": 1.0}
+  pix2pix = recipe.Pix2Pix.from_config(config, steps_per_epoch=10) if case == "pix2pix_given" else None
+  trainer.train_and_evaluate(config, tmp_path / "run", pix2pix=pix2pix, keep_executables=case != "not_asked")
+  assert decided == [case == "builtin"]
