@@ -199,9 +199,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir, *,
   ``keep_executables`` keeps the compiled initialisation and step between
   processes (``cache.KeptExecutable``), so that the next start of the same
   run, or of one that differs only in ``KEYS_OUTSIDE_THE_PROGRAMS``, skips
-  tracing them: for the networks the config names, when all of them are
-  p2p_jax's own and nothing patched the library in this process
-  (``experiments.train`` turns it on).
+  tracing them: for the pieces the config names, when it names no code
+  outside p2p_jax by import path, and when nothing patched the library in
+  this process (``experiments.train`` turns it on).
   """
   # From the start: a signal during set-up (data, restore, compilation) must
   # not kill the process, it only stops it before the first step.
