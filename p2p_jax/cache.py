@@ -53,7 +53,6 @@ import flax
 import jax
 from jax.experimental import serialize_executable
 import numpy as np
-import optax
 
 ENV = "P2P_JAX_CACHE_DIR"
 _OFF = ("", "0", "off", "false", "no", "none")
