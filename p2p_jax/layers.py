@@ -112,15 +112,80 @@ def _zero_pad(x, widths):
 def matmul(a, b):
   """``a @ b`` accumulated in (at least) float32 and rounded to ``a``'s dtype once.
 
-  For bfloat16 this is also the fast form: XLA:CPU multiplies bf16 into a
-  float32 result with the CPU's bf16 dot-product units (AVX512_BF16, AMX), at
-  twice the rate of a bf16 result on Zen 5 (BENCHMARKS.md).
+  For bfloat16 on CPU the result stays float32 (the layers hand on float32
+  there) and all three products of a training step run in the one form
+  XLA:CPU gives the CPU's bf16 dot-product units (AVX512_BF16, AMX):
+  ``_bf16_matmul``.
   """
+  if a.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+    return _bf16_matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
   return jnp.dot(a, b, preferred_element_type=jnp.promote_types(a.dtype, jnp.float32)).astype(a.dtype)
+
+
+def _row_major_transpose(x):
+  """``x.T`` as a row-major array of its own, which the product reading it cannot fold away.
+
+  XLA gives a transpose a column-major layout, and XLA:CPU runs a bf16 product
+  with a column-major operand in float32 (its YNNPACK dots take row-major
+  operands only, ``IsDotSupportedByYnn``); a pad and a slice in between give
+  the operand a row-major layout of its own, and survive XLA's simplifier.
+  """
+  rows, columns = x.shape
+  return lax.slice(_zero_pad(x.T, ((0, 1), (0, 0))), (0, 0), (columns, rows))
+
+
+@jax.custom_vjp
+def _bf16_matmul(a, b):
+  """bf16 ``(m, k) @ (k, n)`` into float32, with both gradient products bf16 and row-major too."""
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _bf16_matmul_fwd(a, b):
+  return _bf16_matmul(a, b), (a, b)
+
+
+def _product(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+
+def _bf16_matmul_bwd(residuals, dy):
+  """``dy @ b.T`` and ``a.T @ dy``, each transposing whichever of its operands or its result
+  is smaller (XLA:CPU's transposes are slow).
+
+  Results are rounded to bf16, as autocast's are, before any transpose: XLA
+  folds the transpose of a float32 product back into it, leaving a bf16 dot
+  with a column-major operand, which XLA:CPU cannot run at all (UNIMPLEMENTED).
+  """
+  a, b = residuals
+  dy = dy.astype(jnp.bfloat16)
+  m, k = a.shape
+  n = b.shape[1]
+  t = _row_major_transpose
+  da = _product(dy, t(b)) if k * n <= m * (n + k) else t(_product(b, t(dy)))
+  db = _product(t(a), dy) if m * k <= n * (m + k) else t(_product(t(dy), a))
+  return da, db
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def activation_dtype(dtype):
+  """The dtype a layer computing in ``dtype`` hands on: float32 on CPU, where XLA computes
+  bf16 elementwise ops (norms, activations) by converting to float32 and back."""
+  return jnp.float32 if jax.default_backend() == "cpu" else dtype
+
+
+def _xla_conv_operands(x, kernel):
+  """The operands of one of XLA's own convolutions: float32 for bf16 on CPU, where XLA
+  converts each to float32 inside anyway and the bf16 step ran slower than float32's."""
+  if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+    return x.astype(jnp.float32), kernel.astype(jnp.float32)
+  return x, kernel
 
 
 def conv_xla(x, kernel, stride: int, padding: int):
   """XLA's own NHWC convolution with symmetric zero padding."""
+  x, kernel = _xla_conv_operands(x, kernel)
   return lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -221,8 +286,9 @@ class Conv(nn.Module):
       y = conv_matmul(x, kernel, self.stride, self.padding)
     else:
       y = conv_xla(x, kernel, self.stride, self.padding)
+    y = y.astype(activation_dtype(dtype))
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
     return y
 
 
@@ -232,6 +298,7 @@ def conv_transpose(x, kernel, stride: int, padding: int, output_padding: int = 0
   ``kernel`` is ``(in, kh, kw, out)``: each input pixel scatters ``kernel``
   into the output at ``stride * i + k - padding``.
   """
+  x, kernel = _xla_conv_operands(x, kernel)
   k = kernel.shape[1]
   lo, hi = k - 1 - padding, k - 1 - padding + output_padding
   hwio = jnp.flip(kernel.transpose(1, 2, 0, 3), (0, 1))
@@ -315,7 +382,8 @@ def _strided_conv_fwd(x, kernel):
 def _strided_conv_bwd(residuals, dy):
   x, kernel = residuals
   _, kernel_vjp = jax.vjp(lambda k: _strided_conv_xla(x, k), kernel)
-  return conv_transpose_matmul(dy, kernel.transpose(3, 0, 1, 2)), kernel_vjp(dy)[0]
+  dx = conv_transpose_matmul(dy.astype(kernel.dtype), kernel.transpose(3, 0, 1, 2))
+  return dx.astype(x.dtype), kernel_vjp(dy)[0]
 
 
 strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
@@ -391,8 +459,9 @@ class ConvTranspose(nn.Module):
       y = conv_transpose_matmul(x, kernel)
     else:
       y = conv_transpose(x, kernel, self.stride, self.padding, self.output_padding)
+    y = y.astype(activation_dtype(dtype))
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(dtype)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
     return y
 
 

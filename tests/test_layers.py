@@ -1,6 +1,7 @@
 """Every alternative formulation equals the plain one: outputs and both gradients."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -102,13 +103,50 @@ def test_odd_sides_keep_xlas_convolution():
   np.testing.assert_array_equal(grad("auto"), grad("xla"))
 
 
-def test_bfloat16_matmuls_accumulate_in_float32_and_round_once():
-  a = jax.random.normal(jax.random.key(0), (16, 512)).astype(jnp.bfloat16)
-  b = jax.random.normal(jax.random.key(1), (512, 8)).astype(jnp.bfloat16)
-  expected = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32)).astype(jnp.bfloat16)
-  assert layers.matmul(a, b).dtype == jnp.bfloat16
-  np.testing.assert_array_equal(layers.matmul(a, b), expected)
-  assert "preferred_element_type=float32" in str(jax.make_jaxpr(layers.matmul)(a, b))
+def _dot_operand_dtypes(compiled_text):
+  """The element types of every dot's two operands in a compiled HLO module."""
+  types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", compiled_text))
+  return [tuple(types[name] for name in operands)
+          for operands in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", compiled_text)]
+
+
+# (m, k, n) that take each of the two ways of forming each gradient product.
+@pytest.mark.parametrize("m, k, n", [(256, 256, 8), (8, 512, 64)])
+def test_bfloat16_matmuls_on_cpu_give_float32_and_bf16_gradients(m, k, n):
+  keys = jax.random.split(jax.random.key(0), 3)
+  a, b = (jax.random.normal(key, shape).astype(jnp.bfloat16) for key, shape in zip(keys, [(m, k), (k, n)]))
+  dy = jax.random.normal(keys[2], (m, n))
+  y, vjp = jax.vjp(layers.matmul, a, b)
+  da, db = vjp(dy)
+  assert y.dtype == jnp.float32 and da.dtype == db.dtype == jnp.bfloat16
+  f32 = lambda t: t.astype(jnp.float32)
+  np.testing.assert_allclose(y, f32(a) @ f32(b), rtol=1e-5, atol=1e-4)
+  dy = f32(dy.astype(jnp.bfloat16))
+  np.testing.assert_allclose(f32(da), dy @ f32(b).T, rtol=1e-2, atol=1e-2 * np.sqrt(n))
+  np.testing.assert_allclose(f32(db), f32(a).T @ dy, rtol=1e-2, atol=1e-2 * np.sqrt(m))
+
+
+def test_bfloat16_training_runs_every_product_in_bf16_on_cpu():
+  """XLA:CPU multiplies bf16 fast only with row-major operands; the gradient products must not
+  fall back to float32 (they did with XLA's own transposes in the gradients)."""
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 32))
+  conv = layers.Conv(64, 4, 2, 1, use_bias=False, impl="matmul", dtype=jnp.bfloat16)
+  variables = conv.init(jax.random.key(1), x)
+  loss = lambda params, x: jnp.sum(conv.apply({"params": params}, x) ** 2)
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables["params"], x).compile().as_text()
+  operand_types = _dot_operand_dtypes(text)
+  assert len(operand_types) == 3 and all(types == ("bf16", "bf16") for types in operand_types), operand_types
+
+
+def test_bfloat16_layers_on_cpu_hand_on_float32():
+  """XLA:CPU computes bf16 elementwise ops (norms, activations) through float32 conversions."""
+  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 16))
+  for module in (layers.Conv(32, 4, 2, 1, use_bias=True, impl="matmul", dtype=jnp.bfloat16),
+                 layers.ConvTranspose(8, impl="matmul", dtype=jnp.bfloat16)):
+    variables = module.init(jax.random.key(1), x)
+    assert module.apply(variables, x).dtype == jnp.float32
+    grads = jax.jit(jax.grad(lambda v, x: jnp.sum(module.apply(v, x) ** 2), argnums=(0, 1)))(variables, x)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
 def test_other_transposed_convs_fall_back_to_the_plain_formulation():
