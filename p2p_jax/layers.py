@@ -169,7 +169,7 @@ def _bf16_matmul_bwd(residuals, dy):
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
-def activation_dtype(dtype):
+def _activation_dtype(dtype):
   """The dtype a layer computing in ``dtype`` hands on: float32 on CPU, where XLA computes
   bf16 elementwise ops (norms, activations) by converting to float32 and back."""
   return jnp.float32 if jax.default_backend() == "cpu" else dtype
@@ -286,7 +286,7 @@ class Conv(nn.Module):
       y = conv_matmul(x, kernel, self.stride, self.padding)
     else:
       y = conv_xla(x, kernel, self.stride, self.padding)
-    y = y.astype(activation_dtype(dtype))
+    y = y.astype(_activation_dtype(dtype))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
     return y
@@ -459,7 +459,7 @@ class ConvTranspose(nn.Module):
       y = conv_transpose_matmul(x, kernel)
     else:
       y = conv_transpose(x, kernel, self.stride, self.padding, self.output_padding)
-    y = y.astype(activation_dtype(dtype))
+    y = y.astype(_activation_dtype(dtype))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
     return y
