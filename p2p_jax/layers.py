@@ -117,9 +117,14 @@ def matmul(a, b):
   XLA:CPU gives the CPU's bf16 dot-product units (AVX512_BF16, AMX):
   ``_bf16_matmul``.
   """
-  if a.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+  if _bf16_on_cpu(a.dtype):
     return _bf16_matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[-1])
   return jnp.dot(a, b, preferred_element_type=jnp.promote_types(a.dtype, jnp.float32)).astype(a.dtype)
+
+
+def _bf16_on_cpu(dtype) -> bool:
+  """Whether XLA:CPU's bf16 rules apply: products bf16 in one form, everything else float32."""
+  return dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
 
 
 def _row_major_transpose(x):
@@ -175,10 +180,18 @@ def _activation_dtype(dtype):
   return jnp.float32 if jax.default_backend() == "cpu" else dtype
 
 
+def _hand_on(module: nn.Module, y, dtype):
+  """A layer's output ``y`` in the dtype it hands on, plus its bias when it has one."""
+  y = y.astype(_activation_dtype(dtype))
+  if module.use_bias:
+    y = y + module.param("bias", nn.initializers.zeros, (module.features,)).astype(y.dtype)
+  return y
+
+
 def _xla_conv_operands(x, kernel):
   """The operands of one of XLA's own convolutions: float32 for bf16 on CPU, where XLA
   converts each to float32 inside anyway and the bf16 step ran slower than float32's."""
-  if x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+  if _bf16_on_cpu(x.dtype):
     return x.astype(jnp.float32), kernel.astype(jnp.float32)
   return x, kernel
 
@@ -286,10 +299,7 @@ class Conv(nn.Module):
       y = conv_matmul(x, kernel, self.stride, self.padding)
     else:
       y = conv_xla(x, kernel, self.stride, self.padding)
-    y = y.astype(_activation_dtype(dtype))
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
-    return y
+    return _hand_on(self, y, dtype)
 
 
 def conv_transpose(x, kernel, stride: int, padding: int, output_padding: int = 0):
@@ -459,10 +469,7 @@ class ConvTranspose(nn.Module):
       y = conv_transpose_matmul(x, kernel)
     else:
       y = conv_transpose(x, kernel, self.stride, self.padding, self.output_padding)
-    y = y.astype(_activation_dtype(dtype))
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
-    return y
+    return _hand_on(self, y, dtype)
 
 
 def reflect_pad(x, pad: int):
