@@ -251,12 +251,13 @@ def resolve_conv_impl(impl: str, side: int) -> str:
 
 
 def conv_site(x, kernel_shape, stride: int, padding: int, dtype) -> tuning.Site:
-  """The formulations of a convolution of ``x`` for "auto": XLA's, matmul, and ``strided_conv`` where it applies."""
+  """The formulations of a convolution of ``x`` for "auto": XLA's, matmul, and where they apply
+  ``strided_conv`` and ``strided_conv_matmul``."""
   formulations = {"xla": functools.partial(conv_xla, stride=stride, padding=padding),
                   "matmul": functools.partial(conv_matmul, stride=stride, padding=padding)}
   strided = _input_gradient_as_matmul(x.shape, kernel_shape[0], stride, padding)
   if strided:
-    formulations["strided"] = strided_conv
+    formulations.update(strided=strided_conv, strided_matmul=strided_conv_matmul)
   default = resolve_conv_impl("auto", x.shape[1])
   if default == "xla" and strided:
     default = "strided"
@@ -269,8 +270,9 @@ class Conv(nn.Module):
   Parameters are named as ``nn.Conv``'s; ``impl`` chooses the formulation:
   "xla" is XLA's own convolution, forward and backward, "matmul" one matmul;
   "auto" runs what ``tuning`` measured fastest for this shape on this
-  machine, else the static table's choice (``strided_conv`` for a 4x4/stride-2
-  one where the matmul transposed convolution is the faster input gradient).
+  machine (``conv_site``), else the static table's choice (``strided_conv`` for
+  a 4x4/stride-2 one where the matmul transposed convolution is the faster
+  input gradient).
   """
   features: int
   kernel_size: int
@@ -368,11 +370,35 @@ def conv_transpose_matmul(x, kernel):
   return overlap_add(patches.reshape(n, h, w, 4, 4, cout))
 
 
-def _strided_conv_xla(x, kernel):
+def _conv_4x4_s2_xla(x, kernel):
   return conv_xla(x, kernel, 2, 1)
 
 
-@jax.custom_vjp
+def _conv_4x4_s2_matmul(x, kernel):
+  return conv_matmul(x, kernel, 2, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _strided(forward, x, kernel):
+  """A 4x4/stride-2/padding-1 convolution computed by ``forward``, which also gives the kernel's
+  gradient, and whose input gradient is the matmul transposed convolution."""
+  return forward(x, kernel)
+
+
+def _strided_fwd(forward, x, kernel):
+  return forward(x, kernel), (x, kernel)
+
+
+def _strided_bwd(forward, residuals, dy):
+  x, kernel = residuals
+  _, kernel_vjp = jax.vjp(lambda k: forward(x, k), kernel)
+  dx = conv_transpose_matmul(dy.astype(kernel.dtype), kernel.transpose(3, 0, 1, 2))
+  return dx.astype(x.dtype), kernel_vjp(dy)[0]
+
+
+_strided.defvjp(_strided_fwd, _strided_bwd)
+
+
 def strided_conv(x, kernel):
   """XLA's 4x4/stride-2/padding-1 convolution, its input gradient a matmul transposed convolution.
 
@@ -382,21 +408,18 @@ def strided_conv(x, kernel):
   makes the step 22% faster there and 11% at batch 1 (BENCHMARKS.md). The
   kernel's gradient stays XLA's. Input sides must be even.
   """
-  return _strided_conv_xla(x, kernel)
+  return _strided(_conv_4x4_s2_xla, x, kernel)
 
 
-def _strided_conv_fwd(x, kernel):
-  return _strided_conv_xla(x, kernel), (x, kernel)
+def strided_conv_matmul(x, kernel):
+  """``strided_conv`` with all three products as matmuls, keeping only its input for the backward pass.
 
-
-def _strided_conv_bwd(residuals, dy):
-  x, kernel = residuals
-  _, kernel_vjp = jax.vjp(lambda k: _strided_conv_xla(x, k), kernel)
-  dx = conv_transpose_matmul(dy.astype(kernel.dtype), kernel.transpose(3, 0, 1, 2))
-  return dx.astype(x.dtype), kernel_vjp(dy)[0]
-
-
-strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+  The forward pass and the kernel's gradient each build the im2col patches
+  and drop them (``conv_matmul`` keeps them, four times its input), so it
+  holds what ``strided_conv`` holds; for bf16 on CPU every product then runs
+  on the bf16 units, where XLA's own convolutions run in float32.
+  """
+  return _strided(_conv_4x4_s2_matmul, x, kernel)
 
 
 def _input_gradient_as_matmul(shape, kernel_size: int, stride: int, padding: int) -> bool:

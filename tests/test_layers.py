@@ -92,6 +92,12 @@ def test_auto_strided_conv_takes_its_input_gradient_from_the_matmul_transposed_c
   assert "lhs_dilate = [2, 2]" in backward("xla") and "lhs_dilate = [2, 2]" not in backward("auto")
 
 
+@pytest.mark.parametrize("size,cin,cout,batch", [(8, 3, 5, 2), (16, 16, 4, 1)])
+def test_strided_matmul_conv_equals_xlas_with_both_gradients(size, cin, cout, batch):
+  x, kernel = _inputs(size, cin, cout, batch=batch)
+  _assert_same(layers.strided_conv_matmul, functools.partial(layers.conv_xla, stride=2, padding=1), x, kernel)
+
+
 def test_odd_sides_keep_xlas_convolution():
   assert layers._input_gradient_as_matmul((1, 64, 64, 3), 4, 2, 1)
   assert not layers._input_gradient_as_matmul((1, 63, 64, 3), 4, 2, 1)
@@ -136,6 +142,17 @@ def test_bfloat16_training_runs_every_product_in_bf16_on_cpu():
   text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables["params"], x).compile().as_text()
   operand_types = _dot_operand_dtypes(text)
   assert len(operand_types) == 3 and all(types == ("bf16", "bf16") for types in operand_types), operand_types
+
+
+def test_bfloat16_strided_matmul_conv_runs_every_product_in_bf16_on_cpu():
+  """Its reason to be: the forward pass and the kernel's gradient, which strided_conv leaves to
+  XLA's convolutions (float32 on CPU), are bf16 products like the input gradient."""
+  x, kernel = (t.astype(jnp.bfloat16) for t in _inputs(16, 32, 64, batch=2))
+  loss = lambda x, kernel: jnp.sum(layers.strided_conv_matmul(x, kernel) ** 2)
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+  operand_types = _dot_operand_dtypes(text)
+  assert len(operand_types) == 3 and all(types == ("bf16", "bf16") for types in operand_types), operand_types
+  assert " convolution(" not in text
 
 
 def test_bfloat16_layers_on_cpu_hand_on_float32():

@@ -20,8 +20,8 @@ def own_cache(tmp_path, monkeypatch):
   tuning.reset()
 
 
-# Timings per tuning of the tiny step: 6 convolutions with 3 formulations, 2 with 2, 5 transposed with 2.
-_CALLS = 6 * 3 + 2 * 2 + 5 * 2
+# Timings per tuning of the tiny step: 6 convolutions with 4 formulations, 2 with 2, 5 transposed with 2.
+_CALLS = 6 * 4 + 2 * 2 + 5 * 2
 
 
 def _batch(size=32, batch=1):
@@ -52,7 +52,7 @@ def test_sites_are_the_steps_auto_convolutions_with_their_shapes():
   assert sum(key.startswith("upconv ") for key in sites) == 5
   assert sum(key.startswith("conv ") for key in sites) == 5 + 3
   down_0 = sites["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
-  assert set(down_0.formulations) == {"xla", "matmul", "strided"} and down_0.default == "matmul"
+  assert set(down_0.formulations) == {"xla", "matmul", "strided", "strided_matmul"} and down_0.default == "matmul"
   assert down_0.flops == 2 * 1 * 16 * 16 * (4 * 4 * 3 * 8)
   assert tuning.step_sites(tiny_pix2pix(conv_impl="xla", upconv_impl="matmul"), _batch()) == {}
 
@@ -82,8 +82,9 @@ def test_tune_records_the_fastest_and_the_layers_run_it(tmp_path):
   assert tuning.record_path().parent == tmp_path / "cache" / "tuning"
   assert record["jax"] == jax.__version__ and len(record["sites"]) == 13
   down_0 = record["sites"]["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
-  assert down_0["choice"] == "xla" and down_0["ms"] == {"matmul": 10.0, "strided": 10.0, "xla": 1.0}
-  assert set(down_0["kept_mib"]) == {"matmul", "strided", "xla"}
+  assert down_0["choice"] == "xla" and down_0["ms"] == {"matmul": 10.0, "strided": 10.0, "strided_matmul": 10.0,
+                                                        "xla": 1.0}
+  assert set(down_0["kept_mib"]) == {"matmul", "strided", "strided_matmul", "xla"}
   tuning.reset()  # A new process reads the choices from the record.
   assert "lhs_dilate = [2, 2]" in generator_text()
 
@@ -114,15 +115,17 @@ def test_small_layers_keep_the_static_default():
 def test_the_default_stays_unless_another_is_clearly_faster():
   site = tuning.step_sites(tiny_pix2pix(), _batch())["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
   timer = lambda times: lambda f, s, limit: times[_name(f, s)]
-  close = {"matmul": 10.0, "xla": 9.7, "strided": 9.8}
+  close = {"matmul": 10.0, "xla": 9.7, "strided": 9.8, "strided_matmul": 9.9}
   assert tuning.measure(site, timer(close))["choice"] == "matmul"
-  clear = {"matmul": 10.0, "xla": 9.4, "strided": 9.8}
+  clear = {"matmul": 10.0, "xla": 9.4, "strided": 9.8, "strided_matmul": 9.9}
   measured = tuning.measure(site, timer(clear))
-  assert measured["choice"] == "xla" and measured["ms"] == {"matmul": 10.0, "strided": 9.8, "xla": 9.4}
+  assert measured["choice"] == "xla" and measured["ms"] == {"matmul": 10.0, "strided": 9.8, "strided_matmul": 9.9,
+                                                            "xla": 9.4}
 
 
 def test_a_formulation_that_keeps_more_for_the_backward_pass_is_not_a_candidate():
-  """At 64 px the static choice is strided_conv (keeps its input); an im2col matmul keeps 4x that."""
+  """At 64 px the static choice is strided_conv (keeps its input); an im2col matmul keeps 4x that,
+  strided_conv_matmul no more than strided_conv (it builds the patches again for the backward pass)."""
   site = tuning.step_sites(tiny_pix2pix(), _batch(size=64))["conv 1x64x64x3 k4x4x3x8 s2 p1 float32"]
   assert site.default == "strided"
   timed = []
@@ -131,9 +134,9 @@ def test_a_formulation_that_keeps_more_for_the_backward_pass_is_not_a_candidate(
     timed.append(_name(formulation, traced))
     return 1.0 if timed[-1] == "matmul" else 10.0
   measured = tuning.measure(site, prefer_matmul)
-  assert measured["choice"] == "strided" and sorted(timed) == ["strided", "xla"]
+  assert measured["choice"] == "strided" and sorted(timed) == ["strided", "strided_matmul", "xla"]
   kept = measured["kept_mib"]
-  assert kept["matmul"] > 3 * kept["strided"] and kept["xla"] == kept["strided"]
+  assert kept["matmul"] > 3 * kept["strided"] and kept["xla"] == kept["strided"] == kept["strided_matmul"]
   assert kept["strided"] == round((64 * 64 * 3 + 4 * 4 * 3 * 8) * 4 / 2 ** 20, 3)  # The input and the kernel.
 
 
@@ -151,7 +154,7 @@ def test_a_far_slower_formulation_is_cut_off_after_one_call():
 def test_the_real_timer_times_forward_and_both_gradients():
   site = tuning.step_sites(tiny_pix2pix(), _batch())["conv 1x16x16x8 k4x4x8x16 s2 p1 float32"]
   result = tuning.measure(site)
-  assert set(result["ms"]) == {"xla", "matmul", "strided"} and result["choice"] in result["ms"]
+  assert set(result["ms"]) == {"xla", "matmul", "strided", "strided_matmul"} and result["choice"] in result["ms"]
   assert all(0 < ms < 10_000 for ms in result["ms"].values())
 
 
