@@ -7,9 +7,11 @@ alone.
 """
 
 import functools
-from typing import Optional
+import time
+from typing import Callable, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
@@ -53,6 +55,32 @@ def make_train_step(pix2pix: recipe.Pix2Pix, mesh: Mesh, *, steps_per_call: int 
   options = runtime.compiler_options() if compiler_options is None else compiler_options
   return jax.jit(functools.partial(step, pix2pix=pix2pix), in_shardings=(replicated, data),
                  out_shardings=(replicated, replicated), donate_argnums=0, compiler_options=options or None)
+
+
+def step_timer(pix2pix: recipe.Pix2Pix, batch: Mapping[str, jax.ShapeDtypeStruct],
+               mesh: Mesh) -> Callable[[], Callable[[], float]]:
+  """For ``tuning.tune``'s whole-step check: a function that compiles a train step as the networks
+  trace at that moment (global batches shaped like ``batch``) and returns a call that runs it once
+  on random images and gives its seconds. The steps share one state, made on first use."""
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+  shared = {}
+
+  def compile_step() -> Callable[[], float]:
+    if not shared:
+      shared["state"] = jax.jit(lambda key: train.create_train_state(key, pix2pix, batch),
+                                out_shardings=replicated)(jax.random.key(0))
+      keys = dict(zip("AB", jax.random.split(jax.random.key(1))))
+      shared["batch"] = {name: jax.device_put(jax.random.uniform(keys[name], batch[name].shape, jnp.float32, -1, 1),
+                                              data) for name in "AB"}
+    compiled = make_train_step(pix2pix, mesh).lower(shared["state"], shared["batch"]).compile()
+
+    def run() -> float:
+      start = time.perf_counter()
+      shared["state"], metrics = compiled(shared["state"], shared["batch"])
+      jax.block_until_ready(metrics)
+      return time.perf_counter() - start
+    return run
+  return compile_step
 
 
 def to_host(tree):

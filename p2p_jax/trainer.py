@@ -229,7 +229,7 @@ def _train(config, workdir, pix2pix, stop: _StopRequest, mesh, keep_executables:
   batch_shapes = {name: jax.ShapeDtypeStruct((config.batch_size, *example.shape), example.dtype)
                   for name, example in configuration.image_shapes(config).items()}
   if runtime.enabled():  # Before anything traces the networks: "auto" layers then run what was measured.
-    tuning.tune(pix2pix, batch_shapes)
+    tuning.tune(pix2pix, batch_shapes, step_timer=parallel.step_timer(pix2pix, batch_shapes, mesh))
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(parallel.DATA_AXIS))
   description = (_program_description(config, pix2pix, steps_per_epoch, batch_shapes) if keep_executables
                  else None)

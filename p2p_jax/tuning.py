@@ -9,7 +9,10 @@ formulation that can run it and keeps no more memory for the backward pass
 than the static table's choice (forward and both gradients, jitted, fastest of
 several calls), and records the fastest per layer shape in
 ``<cache>/tuning/<machine>.json`` (``cache.root()``, one file per CPU model and
-instruction set, or accelerator kind). Layers look their shape up there when
+instruction set, or accelerator kind). A layer timed alone does not always
+predict the step around it, so where the choices differ from the static table
+the whole train step is then timed both ways, and the table's stay unless the
+measured ones make the step clearly faster (``_check_whole_step``). Layers look their shape up there when
 they are traced (``choice``); a shape never measured, or a process with
 ``P2P_JAX_CPU_TUNING=0``, gets the static table in ``layers`` (the safe default).
 ``experiments.train`` tunes before it compiles, once per machine and shape.
@@ -23,9 +26,11 @@ not the model; a user who wants one formulation everywhere sets
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import re
+import statistics
 import time
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
@@ -46,6 +51,8 @@ _VERSION = 4  # 2: only formulations that keep no more memory than the default c
 _MARGIN = 0.05
 # A candidate whose first timed call is this many times the fastest so far is dropped untimed further.
 _CUTOFF = 2.0
+# Timed calls of each whole step in the check of the measured choices against the static table.
+_STEP_CALLS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +103,8 @@ def record_path():
   return base / "tuning" / f"{name}.json"
 
 
-def _read_records() -> Dict[str, dict]:
-  """``{site key: measure()'s result}`` from this machine's file; {} if none or unusable."""
+def _read_file() -> dict:
+  """This machine's record file as written by this version of p2p_jax and JAX; {} if none or unusable."""
   path = record_path()
   if path is None:
     return {}
@@ -105,11 +112,27 @@ def _read_records() -> Dict[str, dict]:
     data = json.loads(path.read_text())
     if data["version"] != _VERSION or data["jax"] != jax.__version__:
       return {}  # Another JAX may rank the formulations differently: measure again.
-    records = {str(key): {"choice": str(value["choice"]), "ms": dict(value["ms"]),
-                          "kept_mib": dict(value["kept_mib"])} for key, value in data["sites"].items()}
-  except (OSError, ValueError, TypeError, KeyError, AttributeError):  # None, damaged or of another layout.
+  except (OSError, ValueError, TypeError, KeyError):  # None, damaged or of another layout.
     return {}
-  return records
+  return data
+
+
+def _read_records() -> Dict[str, dict]:
+  """``{site key: measure()'s result}`` from this machine's file; {} if none or unusable."""
+  try:
+    return {str(key): {"choice": str(value["choice"]), "ms": dict(value["ms"]),
+                       "kept_mib": dict(value["kept_mib"])} for key, value in _read_file()["sites"].items()}
+  except (ValueError, TypeError, KeyError, AttributeError):
+    return {}
+
+
+def _read_steps() -> Dict[str, dict]:
+  """``{step key: {"choice": "measured" or "static", "ms": {...}}}``: the whole-step checks made here."""
+  try:
+    return {str(key): {"choice": str(value["choice"]), "ms": dict(value["ms"])}
+            for key, value in _read_file().get("steps", {}).items()}
+  except (ValueError, TypeError, KeyError, AttributeError):
+    return {}
 
 
 def _known() -> Dict[str, str]:
@@ -238,14 +261,16 @@ def _time_each(traced: Site, names: Sequence[str], timer: Callable) -> Dict[str,
   return ms
 
 
-def _write_records(measured: Dict[str, dict]) -> None:
+def _write_records(measured: Dict[str, dict], steps: Optional[Dict[str, dict]] = None) -> None:
   path = record_path()
-  if path is None or not measured:
+  if path is None or not (measured or steps):
     return
-  records = _read_records()  # Another process may have recorded other shapes meanwhile.
+  records, checked = _read_records(), _read_steps()  # Another process may have recorded others meanwhile.
   records.update(measured)
+  checked.update(steps or {})
   data = {"version": _VERSION, "jax": jax.__version__, "backend": jax.default_backend(),
-          "device": jax.devices()[0].device_kind, "sites": dict(sorted(records.items()))}
+          "device": jax.devices()[0].device_kind, "sites": dict(sorted(records.items())),
+          "steps": dict(sorted(checked.items()))}
   cache.write_json(path, data, "the measured formulations")
 
 
@@ -266,7 +291,55 @@ def _measure_new(sites: Sequence[Site], records: Dict[str, dict], timer: Optiona
   records.update(measured)
 
 
-def tune(pix2pix, batch, *, min_flops: Optional[int] = None, timer: Optional[Callable] = None) -> Dict[str, str]:
+def _step_key(choices: Mapping[str, str]) -> str:
+  """The whole-step check's key: the step's measured sites and what each chose."""
+  text = "\n".join(f"{key}: {name}" for key, name in sorted(choices.items()))
+  return f"step {hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def _check_whole_step(sites: Mapping[str, Site], chosen: Dict[str, str],
+                      step_timer: Callable[[], Callable[[], float]]) -> Dict[str, str]:
+  """``chosen``, or the static table's choices if the whole step does not run clearly faster with
+  ``chosen``: a layer timed alone does not always predict the step it is part of (BENCHMARKS.md).
+
+  Each candidate step is compiled as the layers trace with its choices
+  (``step_timer()``), run once untimed, then ``_STEP_CALLS`` times, alternating;
+  the medians are compared with ``_MARGIN``, as a layer's formulations are. The
+  verdict is recorded, so each set of choices is checked once per machine.
+  """
+  static = {key: s.default for key, s in sites.items()}
+  if chosen == static:
+    return chosen
+  key = _step_key(chosen)
+  verdict = _read_steps().get(key)
+  if verdict is None:
+    logging.info("Timing the whole train step with the measured formulations and with the static table "
+                 "(once per machine and shape).")
+    known, runs = _known(), {}
+    before = dict(known)
+    try:
+      for name, choices in (("measured", chosen), ("static", static)):
+        known.update(choices)
+        runs[name] = step_timer()
+    finally:
+      known.clear()
+      known.update(before)
+    seconds = {name: [] for name in runs}
+    for call in range(_STEP_CALLS + 1):
+      for name, run in runs.items():
+        took = run()
+        if call:  # The first call of each settles the heap.
+          seconds[name].append(took)
+    ms = {name: round(1000 * statistics.median(times), 1) for name, times in seconds.items()}
+    verdict = {"choice": "measured" if ms["measured"] < (1 - _MARGIN) * ms["static"] else "static", "ms": ms}
+    logging.info("  the whole step: %s (measured formulations %g ms, static table %g ms)",
+                 verdict["choice"], ms["measured"], ms["static"])
+    _write_records({}, {key: verdict})
+  return chosen if verdict["choice"] == "measured" else static
+
+
+def tune(pix2pix, batch, *, min_flops: Optional[int] = None, timer: Optional[Callable] = None,
+         step_timer: Optional[Callable[[], Callable[[], float]]] = None) -> Dict[str, str]:
   """Measures the formulations of ``pix2pix``'s convolutions for batches like ``batch``; returns the choices.
 
   Sites recorded on this machine before are not measured again; new
@@ -276,8 +349,10 @@ def tune(pix2pix, batch, *, min_flops: Optional[int] = None, timer: Optional[Cal
   the same program. Sites with nothing to choose, or under ``min_flops``
   (``MIN_FLOPS``), keep the static default. For a step in reduced precision
   the float32 layers are measured too, and a warning says when those are
-  faster (bf16 without bf16 matrix units). ``timer`` (``time_formulation``)
-  is for tests.
+  faster (bf16 without bf16 matrix units). With ``step_timer``
+  (``parallel.step_timer``) and one process, the measured choices are then
+  checked against the static table on the whole step (``_check_whole_step``).
+  ``timer`` (``time_formulation``) is for tests.
   """
   min_flops = MIN_FLOPS if min_flops is None else min_flops
   sites = {key: s for key, s in sorted(step_sites(pix2pix, batch).items())
@@ -298,6 +373,8 @@ def tune(pix2pix, batch, *, min_flops: Optional[int] = None, timer: Optional[Cal
             "On this machine the convolutions of this step run %.2fx slower in %s than in float32 (%.1f against "
             "%.1f ms, measured layer by layer): config.model.dtype=float32 is faster here.",
             fastest(reduced) / fastest(full), reduced[0].x.dtype.name, fastest(reduced), fastest(full))
+    if step_timer is not None and jax.process_count() == 1:
+      chosen = _check_whole_step(sites, chosen, step_timer)
   if jax.process_count() > 1 and sites:
     names = {key: sorted(s.formulations) for key, s in sites.items()}
     index = np.asarray([names[key].index(chosen[key]) if chosen else 0 for key in sites], np.int32)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p2p_jax import parallel, recipe, runtime, train
+from p2p_jax import cache, parallel, recipe, runtime, train, tuning
 from tests.conftest import STEPS_PER_EPOCH, tiny_config, tiny_pix2pix
 
 
@@ -203,3 +203,33 @@ def test_sync_batch_stats_decides_whether_the_norms_see_the_device_axis(sync):
   pix2pix = recipe.Pix2Pix.from_config(tiny_config(sync_batch_stats=sync), steps_per_epoch=1, axis_name="batch")
   for network in (pix2pix.generator, pix2pix.discriminator):
     assert network.axis_name == ("batch" if sync else None)
+
+
+def test_the_step_timer_compiles_the_step_its_layers_trace_now_and_runs_it(monkeypatch, tmp_path):
+  """What tuning's whole-step check relies on: each compilation traces the networks anew."""
+  monkeypatch.setenv(cache.ENV, str(tmp_path))
+  pix2pix = tiny_pix2pix()
+  image = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  batch = {"A": image, "B": image}
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  compile_step = parallel.step_timer(pix2pix, batch, mesh)
+  convolutions = []
+  for fastest in ("xla", "matmul"):
+    tuning.reset()
+    monkeypatch.setenv(cache.ENV, str(tmp_path / fastest))
+    tuning.tune(pix2pix, batch, min_flops=0, timer=lambda f, site, limit: 1.0 if site.formulations.get(fastest) is f
+                else 10.0)
+    lowered = []
+    monkeypatch.setattr(jax.stages.Lowered, "compile", _recording(jax.stages.Lowered.compile, lowered))
+    run = compile_step()
+    convolutions.append(lowered[-1].as_text().count("stablehlo.convolution"))
+    assert 0 < run() < 60 and 0 < run() < 60  # The state is donated and replaced at each call.
+  tuning.reset()
+  assert convolutions[0] > 0 == convolutions[1]
+
+
+def _recording(compile_method, lowered):
+  def compile(self, *args, **kwargs):
+    lowered.append(self)
+    return compile_method(self, *args, **kwargs)
+  return compile

@@ -196,15 +196,17 @@ def test_with_caching_off_the_choices_last_for_the_process(monkeypatch):
 
 
 def test_training_tunes_its_global_batch_before_it_builds_anything(tmp_path, synthetic_dir, monkeypatch):
-  tuned = []
+  tuned, step_timers = [], []
 
-  def tune(pix2pix, batch):
+  def tune(pix2pix, batch, step_timer=None):
     tuned.append({name: image.shape for name, image in batch.items()})
+    step_timers.append(step_timer)
     raise InterruptedError("stop here")
   monkeypatch.setattr(tuning, "tune", tune)
   with pytest.raises(InterruptedError, match="stop here"):
     trainer.train_and_evaluate(run_config(synthetic_dir, num_train_steps=1), tmp_path / "run")
   assert tuned == [{"A": (4, 32, 32, 3), "B": (4, 32, 32, 3)}]  # run_config's global batch of 4.
+  assert callable(step_timers[0])  # The layers' choices are checked on the whole step.
 
   monkeypatch.setenv("P2P_JAX_CPU_TUNING", "0")  # Opted out: nothing is measured.
   monkeypatch.setattr(trainer.checkpoint, "make_manager", lambda *_, **__: tune(None, {}))
@@ -252,3 +254,41 @@ def test_bfloat16_says_when_float32_is_faster_here(caplog):
   with caplog.at_level("WARNING"):
     tuning.tune(pix2pix, _batch(), min_flops=0, timer=in_bf16(0.5))
   assert "slower in bfloat16" not in caplog.text
+
+
+@pytest.mark.parametrize("measured_s, static_s, kept", [(0.2, 0.1, "static"), (0.1, 0.2, "measured"),
+                                                         (0.099, 0.1, "static")])
+def test_the_whole_step_keeps_the_static_table_unless_the_measured_choices_make_it_faster(
+    measured_s, static_s, kept):
+  pix2pix, batch = tiny_pix2pix(), _batch()
+  sites = tuning.step_sites(pix2pix, batch)
+  down_0 = sites["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
+  compiled = []
+
+  def step_timer():  # A step "compiled" now runs what the layers trace now.
+    compiled.append(tuning.choice(down_0))
+    took = measured_s if compiled[-1] == "xla" else static_s
+    return lambda: took
+
+  timer = _timer_preferring({"conv": "xla", "upconv": "conv_transpose"})
+  measured = tuning.tune(pix2pix, batch, min_flops=0, timer=timer)  # The layers alone.
+  tuning.reset()
+  static = {key: sites[key].default for key in measured}
+  assert measured != static
+  chosen = tuning.tune(pix2pix, batch, min_flops=0, timer=timer, step_timer=step_timer)
+  assert compiled == ["xla", "matmul"]  # Each candidate step traced with its own choices.
+  assert chosen == (measured if kept == "measured" else static)
+  assert tuning.choice(down_0) == chosen[down_0.key]  # What the layers run from now on.
+  (verdict,) = json.loads(tuning.record_path().read_text())["steps"].values()
+  assert verdict == {"choice": kept, "ms": {"measured": 1000 * measured_s, "static": 1000 * static_s}}
+  tuning.reset()
+  assert tuning.tune(pix2pix, batch, min_flops=0, timer=timer, step_timer=step_timer) == chosen
+  assert compiled == ["xla", "matmul"]  # Checked once per machine and choices.
+
+
+def test_no_whole_step_check_when_the_choices_are_the_static_table():
+  def step_timer():
+    raise AssertionError("the whole step was timed")
+  chosen = tuning.tune(tiny_pix2pix(), _batch(), min_flops=0, step_timer=step_timer,
+                       timer=_timer_preferring({"conv": "matmul", "upconv": "matmul"}))
+  assert chosen and all(name == "matmul" for name in chosen.values())
