@@ -12,9 +12,10 @@ several calls), and records the fastest per layer shape in
 instruction set, or accelerator kind). A layer timed alone does not always
 predict the step around it, so where the choices differ from the static table
 the whole train step is then timed both ways, and the table's stay unless the
-measured ones make the step clearly faster (``_check_whole_step``). Layers look their shape up there when
-they are traced (``choice``); a shape never measured, or a process with
-``P2P_JAX_CPU_TUNING=0``, gets the static table in ``layers`` (the safe default).
+measured ones make the step clearly faster (``_check_whole_step``). Layers
+look their shape up there when they are traced (``choice``); a shape never
+measured, or a process with ``P2P_JAX_CPU_TUNING=0``, gets the static table in
+``layers`` (the safe default).
 ``experiments.train`` tunes before it compiles, once per machine and shape.
 
 Layers whose forward pass is under ``MIN_FLOPS`` are not measured: they take
