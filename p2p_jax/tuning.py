@@ -118,22 +118,27 @@ def _read_file() -> dict:
   return data
 
 
-def _read_records() -> Dict[str, dict]:
-  """``{site key: measure()'s result}`` from this machine's file; {} if none or unusable."""
+def _sites_in(data: dict) -> Dict[str, dict]:
+  """``{site key: measure()'s result}`` from a record file's contents; {} if unusable."""
   try:
     return {str(key): {"choice": str(value["choice"]), "ms": dict(value["ms"]),
-                       "kept_mib": dict(value["kept_mib"])} for key, value in _read_file()["sites"].items()}
+                       "kept_mib": dict(value["kept_mib"])} for key, value in data["sites"].items()}
   except (ValueError, TypeError, KeyError, AttributeError):
     return {}
 
 
-def _read_steps() -> Dict[str, dict]:
-  """``{step key: {"choice": "measured" or "static", "ms": {...}}}``: the whole-step checks made here."""
+def _steps_in(data: dict) -> Dict[str, dict]:
+  """``{step key: {"choice": "measured" or "static", "ms": {...}}}``: the whole-step checks in a record file."""
   try:
     return {str(key): {"choice": str(value["choice"]), "ms": dict(value["ms"])}
-            for key, value in _read_file().get("steps", {}).items()}
+            for key, value in data.get("steps", {}).items()}
   except (ValueError, TypeError, KeyError, AttributeError):
     return {}
+
+
+def _read_records() -> Dict[str, dict]:
+  """The sites measured on this machine; {} if none or unusable."""
+  return _sites_in(_read_file())
 
 
 def _known() -> Dict[str, str]:
@@ -266,7 +271,8 @@ def _write_records(measured: Dict[str, dict], steps: Optional[Dict[str, dict]] =
   path = record_path()
   if path is None or not (measured or steps):
     return
-  records, checked = _read_records(), _read_steps()  # Another process may have recorded others meanwhile.
+  data = _read_file()  # Another process may have recorded others meanwhile.
+  records, checked = _sites_in(data), _steps_in(data)
   records.update(measured)
   checked.update(steps or {})
   data = {"version": _VERSION, "jax": jax.__version__, "backend": jax.default_backend(),
@@ -312,7 +318,7 @@ def _check_whole_step(sites: Mapping[str, Site], chosen: Dict[str, str],
   if chosen == static:
     return chosen
   key = _step_key(chosen)
-  verdict = _read_steps().get(key)
+  verdict = _steps_in(_read_file()).get(key)
   if verdict is None:
     logging.info("Timing the whole train step with the measured formulations and with the static table "
                  "(once per machine and shape).")
