@@ -4,6 +4,7 @@ r"""Times the compiled train_step (or the input pipeline, checkpoints, exported 
     python -m experiments.benchmark --size 256 --nomeasured_formulations  # the static table, not p2p_jax.tuning's
     python -m experiments.benchmark --size 256 --profile  # also op time per layer
     python -m experiments.benchmark --size 256 --floor    # also the ratio to the FLOP floor (at --dtype's matmul rate)
+    python -m experiments.benchmark --size 256 --batch 16 --memory  # also what the step holds at its memory peak
     python -m experiments.benchmark --data --dataset ../shared/data/people2outline
     python -m experiments.benchmark --checkpoint --size 256  # save and restore, with checksums
     python -m experiments.benchmark --export --size 256 --batch 8  # translate vs ONNX / SavedModel / StableHLO
@@ -66,7 +67,8 @@ flags.DEFINE_integer("steps_per_call", 1, "Train steps per compiled call (lax.sc
 flags.DEFINE_enum("conv_impl", "auto", list(layers.CONV_IMPLS), "config.model.conv_impl.")
 flags.DEFINE_enum("upconv_impl", "auto", list(layers.UPCONV_IMPLS), "config.model.upconv_impl.")
 flags.DEFINE_bool("profile", False, "Also trace a few calls and print the op time per layer.")
-flags.DEFINE_integer("profile_ops", 10, "With --profile: how many of the costliest HLO ops to list.",
+flags.DEFINE_integer("profile_ops", 10, "With --profile: how many of the costliest HLO ops to list "
+                     "(with --memory: of the largest tensors).",
                      lower_bound=0)
 flags.DEFINE_bool("reuse_host_memory", True, "Keep p2p_jax's host-memory setting (--noreuse_host_memory "
                   "runs with JAX's defaults: what runtime.reuse_host_memory saves).")
@@ -78,6 +80,8 @@ flags.DEFINE_bool("measured_formulations", True, "Run the convolution formulatio
 flags.DEFINE_bool("floor", False, "Also time a large matmul in --dtype (bfloat16: bf16 operands, float32 "
                   "result, as p2p_jax.layers.matmul runs it) and report the step against its compute floor: "
                   "XLA's FLOP count at that rate.")
+flags.DEFINE_bool("memory", False, "Also print what the compiled step holds at the peak of its temporary "
+                  "buffers, by layer and tensor (XLA's buffer assignment; the step's compilation dumps it).")
 flags.DEFINE_bool("data", False, "Time the input pipeline instead of the train step.")
 flags.DEFINE_bool("checkpoint", False, "Time saving and restoring the whole state (with its checksums) "
                   "instead of the train step.")
@@ -192,6 +196,51 @@ def profile(compiled, call, calls: int = 3) -> Tuple[collections.Counter, collec
   return by_layer, by_op
 
 
+def _dump_options(folder: str) -> dict:
+  """XLA options that write the optimised step and its buffer assignment to ``folder``."""
+  return {"xla_dump_to": folder, "xla_dump_hlo_as_proto": True, "xla_dump_hlo_as_text": False,
+          "xla_dump_hlo_pass_re": ""}
+
+
+def memory_at_peak(folder: str) -> Tuple[float, collections.Counter, collections.Counter]:
+  """MiB live at the peak of the temporary buffers of the program dumped in ``folder``, and what
+  is live then: MiB by layer and direction (``_layer_of``), and by tensor (shape, op, name scope).
+
+  Replays XLA's heap simulation of the buffer assignment: the peak of the
+  buffers a step allocates while it runs (its arguments and outputs apart),
+  which with the state and the libraries makes up the process's peak.
+  """
+  from tensorflow.compiler.xla.service import hlo_pb2  # pylint: disable=g-import-not-at-top
+  paths = glob.glob(f"{folder}/*after_optimizations.hlo.pb")
+  if not paths:
+    raise RuntimeError(f"no optimised program in {folder}: the step was loaded from a compilation cache "
+                       "(set JAX_ENABLE_COMPILATION_CACHE=false)")
+  program = hlo_pb2.HloProto()
+  with open(max(paths, key=os.path.getsize), "rb") as f:
+    program.ParseFromString(f.read())
+  buffers = {b.id: b for b in program.buffer_assignment.logical_buffers}
+  instructions = {i.id: i for c in program.hlo_module.computations for i in c.instructions}
+  peak, at_peak = 0, {}
+  for trace in program.buffer_assignment.heap_simulator_traces:
+    live, total = {}, 0
+    for event in trace.events:
+      if event.kind == hlo_pb2.HeapSimulatorTrace.Event.ALLOC:
+        live[event.buffer_id] = buffers[event.buffer_id].size
+        total += live[event.buffer_id]
+      elif event.kind == hlo_pb2.HeapSimulatorTrace.Event.FREE:
+        total -= live.pop(event.buffer_id, 0)
+      if total > peak:
+        peak, at_peak = total, dict(live)
+  by_layer, by_tensor = collections.Counter(), collections.Counter()
+  for buffer_id, size in at_peak.items():
+    instruction = instructions[buffers[buffer_id].defined_at.instruction_id]
+    op_name = instruction.metadata.op_name
+    shape = "x".join(map(str, instruction.shape.dimensions))
+    by_layer[_layer_of(op_name)] += size / 2**20
+    by_tensor[f"{shape} {instruction.opcode} {op_name.split('/', 1)[-1] or '(no name scope)'}"] += size / 2**20
+  return peak / 2**20, by_layer, by_tensor
+
+
 def floor_product(dtype, n: int = 4096):
   """The ``n x n`` product that sets the floor, and its operands: bf16 inputs multiply into
   float32 (``layers.matmul``'s form, the one XLA:CPU runs on bf16 dot-product units)."""
@@ -236,11 +285,21 @@ def benchmark_train() -> None:
   else:
     shape, sharded = (FLAGS.steps_per_call, global_batch), NamedSharding(mesh, P(None, parallel.DATA_AXIS))
   batch_shape = jax.ShapeDtypeStruct((*shape, FLAGS.size, FLAGS.size, 3), jnp.float32, sharding=sharded)
-  step = parallel.make_train_step(pix2pix, mesh, steps_per_call=FLAGS.steps_per_call,
-                                  compiler_options=runtime.COMPILER_OPTIONS if FLAGS.region_analysis else {})
-  start = time.perf_counter()
-  compiled = step.lower(abstract_state, {"A": batch_shape, "B": batch_shape}).compile()
-  compile_s = time.perf_counter() - start
+  options = dict(runtime.COMPILER_OPTIONS) if FLAGS.region_analysis else {}
+  with tempfile.TemporaryDirectory() as dump:
+    if FLAGS.memory:
+      options.update(_dump_options(dump))
+    step = parallel.make_train_step(pix2pix, mesh, steps_per_call=FLAGS.steps_per_call, compiler_options=options)
+    start = time.perf_counter()
+    compiled = step.lower(abstract_state, {"A": batch_shape, "B": batch_shape}).compile()
+    compile_s = time.perf_counter() - start
+    if FLAGS.memory:
+      peak_mib, by_layer, by_tensor = memory_at_peak(dump)
+      for layer, mib in by_layer.most_common():
+        print(f"memory {mib:8.1f} MiB  {layer}")
+      print(f"memory {peak_mib:8.1f} MiB  live at the peak of the step's temporary buffers")
+      for tensor, mib in by_tensor.most_common(FLAGS.profile_ops):
+        print(f"memory tensor {mib:8.1f} MiB  {tensor}")
   runtime.release_free_memory()
 
   state = jax.device_put(init(jax.random.key(0)), replicated)
@@ -281,7 +340,11 @@ def benchmark_train() -> None:
     gflops = matmul_gflops(jnp.dtype(FLAGS.dtype))
     floor.update(gflop_per_step=round(gflop, 3), matmul_gflops=round(gflops, 1),
                  floor_ms=round(1000 * gflop / gflops, 3), ratio_to_floor=round(per_step * gflops / gflop, 2))
-  _report(dict(**floor, mode="train", size=FLAGS.size, batch=FLAGS.batch, devices=FLAGS.devices,
+  memory = {}
+  if FLAGS.memory:
+    memory = dict(peak_live_mib=round(peak_mib, 1),
+                  temp_mib=round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1))
+  _report(dict(**floor, **memory, mode="train", size=FLAGS.size, batch=FLAGS.batch, devices=FLAGS.devices,
                steps_per_call=FLAGS.steps_per_call, dtype=FLAGS.dtype,
                conv_impl=FLAGS.conv_impl, upconv_impl=FLAGS.upconv_impl,
                measured_formulations=dict(sorted(collections.Counter(tuned.values()).items())), tune_s=round(tune_s, 1),

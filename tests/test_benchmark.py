@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -76,6 +77,32 @@ def test_a_small_run_reports_one_json_line_a_profile_and_the_floor(capsys):
   assert any("UNetGenerator/up_0 backward" in line for line in lines[:-1])
   assert any("PatchDiscriminator/conv_0 forward" in line for line in lines[:-1])
   assert sum(line.startswith("profile op ") for line in lines) == 3
+
+
+
+def test_a_small_run_shows_what_the_step_holds_at_its_memory_peak(capsys):
+  """The replayed heap simulation peaks within the step's temporary allocation (counting every
+  buffer ever allocated, as without the frees, would exceed it), split over layers that add up."""
+  cache_was_on = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)  # A cached step dumps nothing.
+  try:
+    with flagsaver.flagsaver(size=32, batch=2, steps=1, warmup=1, memory=True, profile_ops=4):
+      benchmark.benchmark_train()
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache_was_on)
+  lines = capsys.readouterr().out.strip().splitlines()
+  result = json.loads(lines[-1])
+  assert 0.5 * result["temp_mib"] <= result["peak_live_mib"] <= result["temp_mib"]
+  by_layer = [float(line.split()[1]) for line in lines if line.startswith("memory ") and "MiB  " in line
+              and not line.startswith("memory tensor") and "live at the peak" not in line]
+  assert sum(by_layer) == pytest.approx(result["peak_live_mib"], abs=0.1 * len(by_layer))
+  assert any(line.startswith("memory ") and "UNetGenerator/" in line and " forward" in line for line in lines)
+  assert sum(line.startswith("memory tensor ") for line in lines) == 4
+
+
+def test_memory_at_peak_names_a_folder_without_a_program(tmp_path):
+  with pytest.raises(RuntimeError, match=rf"no optimised program in {tmp_path}: .*compilation cache"):
+    benchmark.memory_at_peak(str(tmp_path))
 
 
 def test_the_bf16_floor_times_bf16_operands_multiplied_into_float32():
