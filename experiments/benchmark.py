@@ -286,6 +286,7 @@ def benchmark_train() -> None:
     shape, sharded = (FLAGS.steps_per_call, global_batch), NamedSharding(mesh, P(None, parallel.DATA_AXIS))
   batch_shape = jax.ShapeDtypeStruct((*shape, FLAGS.size, FLAGS.size, 3), jnp.float32, sharding=sharded)
   options = dict(runtime.COMPILER_OPTIONS) if FLAGS.region_analysis else {}
+  memory = {}
   with tempfile.TemporaryDirectory() as dump:
     if FLAGS.memory:
       options.update(_dump_options(dump))
@@ -300,6 +301,8 @@ def benchmark_train() -> None:
       print(f"memory {peak_mib:8.1f} MiB  live at the peak of the step's temporary buffers")
       for tensor, mib in by_tensor.most_common(FLAGS.profile_ops):
         print(f"memory tensor {mib:8.1f} MiB  {tensor}")
+      memory = dict(peak_live_mib=round(peak_mib, 1),
+                    temp_mib=round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1))
   runtime.release_free_memory()
 
   state = jax.device_put(init(jax.random.key(0)), replicated)
@@ -340,10 +343,6 @@ def benchmark_train() -> None:
     gflops = matmul_gflops(jnp.dtype(FLAGS.dtype))
     floor.update(gflop_per_step=round(gflop, 3), matmul_gflops=round(gflops, 1),
                  floor_ms=round(1000 * gflop / gflops, 3), ratio_to_floor=round(per_step * gflops / gflop, 2))
-  memory = {}
-  if FLAGS.memory:
-    memory = dict(peak_live_mib=round(peak_mib, 1),
-                  temp_mib=round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1))
   _report(dict(**floor, **memory, mode="train", size=FLAGS.size, batch=FLAGS.batch, devices=FLAGS.devices,
                steps_per_call=FLAGS.steps_per_call, dtype=FLAGS.dtype,
                conv_impl=FLAGS.conv_impl, upconv_impl=FLAGS.upconv_impl,

@@ -79,7 +79,6 @@ def test_a_small_run_reports_one_json_line_a_profile_and_the_floor(capsys):
   assert sum(line.startswith("profile op ") for line in lines) == 3
 
 
-
 def test_a_small_run_shows_what_the_step_holds_at_its_memory_peak(capsys):
   """The replayed heap simulation peaks within the step's temporary allocation (counting every
   buffer ever allocated, as without the frees, would exceed it), split over layers that add up."""
