@@ -227,12 +227,91 @@ def conv_matmul(x, kernel, stride: int, padding):
                      (n, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, first_channel + channels),
                      (1, stride, stride, 1))
 
-  if out_h * out_w * cin <= height * width * cout:
+  if not _on_output_side(x.shape, kernel.shape, stride):
     columns = [window(x, i, j, 0, cin) for i in range(kh) for j in range(kw)]
     return matmul(lax.concatenate(columns, 3), kernel.reshape(kh * kw * cin, cout))
   taps = matmul(x, kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * cout))  # channel (i * kw + j) * cout + c
   return functools.reduce(operator.add, (window(taps, i, j, (i * kw + j) * cout, cout)
                                          for i in range(kh) for j in range(kw)))
+
+
+def _on_output_side(padded_shape, kernel_shape, stride: int) -> bool:
+  """Whether ``conv_matmul`` multiplies on the output side of a (padded) input: when the patch
+  matrix would be larger than the per-tap products."""
+  kh, kw, cin, cout = kernel_shape
+  _, height, width, _ = padded_shape
+  out_h, out_w = (height - kh) // stride + 1, (width - kw) // stride + 1
+  return out_h * out_w * cin > height * width * cout
+
+
+def _tap_window(x, tap, kernel_width: int, rows: int, columns: int):
+  """The ``rows x columns`` window of ``x`` under kernel tap ``tap`` (row-major, traced), as ``(pixels, in)``."""
+  window = lax.dynamic_slice(x, (0, tap // kernel_width, tap % kernel_width, 0),
+                             (x.shape[0], rows, columns, x.shape[3]))
+  return window.reshape(-1, x.shape[3])
+
+
+def _tap_output_dtype(dtype):
+  """What ``matmul`` gives for operands of ``dtype``."""
+  return jnp.float32 if _bf16_on_cpu(dtype) else dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_taps(x, kernel, padding: int):
+  """A stride-1 convolution as one ``(pixels, in) @ (in, out)`` product per kernel tap, in a loop.
+
+  ``conv_matmul``'s patch matrix is kh*kw times its input (16x for the
+  PatchGAN's stride-1 4x4 layer) and stays live from the forward pass to the
+  kernel's gradient: at 256 px, batch 16, that layer's patches and their
+  gradient were the step's memory peak (BENCHMARKS.md). Here the forward pass
+  adds each tap's window times that tap's kernel into the output, and the
+  backward pass loops over the taps again from the input alone. The windows
+  are sliced inside loops, not unrolled: XLA's CSE would find unrolled
+  backward windows equal to the forward pass's and keep those instead.
+  """
+  kh, kw, cin, cout = kernel.shape
+  x = _zero_pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  n, rows, columns = x.shape[0], x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  taps = kernel.reshape(kh * kw, cin, cout)
+
+  def add_tap(tap, y):
+    product = matmul(_tap_window(x, tap, kw, rows, columns), lax.dynamic_index_in_dim(taps, tap, keepdims=False))
+    return y + product.astype(jnp.float32)
+
+  y = lax.fori_loop(0, kh * kw, add_tap, jnp.zeros((n * rows * columns, cout), jnp.float32))
+  return y.reshape(n, rows, columns, cout).astype(_tap_output_dtype(x.dtype))
+
+
+def _conv_taps_fwd(x, kernel, padding):
+  return conv_taps(x, kernel, padding), (x, kernel)
+
+
+def _conv_taps_bwd(padding, residuals, dy):
+  """Each tap's gradients, from its window of the input: the input's added into its window, the kernel's set."""
+  x, kernel = residuals
+  kh, kw, cin, cout = kernel.shape
+  padded = _zero_pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  n, rows, columns, _ = dy.shape
+  taps = kernel.reshape(kh * kw, cin, cout)
+  dy = dy.reshape(-1, cout)
+
+  def add_tap_gradients(tap, gradients):
+    dx, dtaps = gradients
+    _, vjp = jax.vjp(matmul, _tap_window(padded, tap, kw, rows, columns),
+                     lax.dynamic_index_in_dim(taps, tap, keepdims=False))
+    dwindow, dtap = vjp(dy)
+    corner = (0, tap // kw, tap % kw, 0)
+    dx_window = lax.dynamic_slice(dx, corner, (n, rows, columns, cin))
+    dx = lax.dynamic_update_slice(dx, dx_window + dwindow.reshape(dx_window.shape).astype(dx.dtype), corner)
+    return dx, lax.dynamic_update_index_in_dim(dtaps, dtap.astype(dtaps.dtype), tap, 0)
+
+  zeros = (jnp.zeros(padded.shape, jnp.float32), jnp.zeros(taps.shape, jnp.float32))
+  dx, dtaps = lax.fori_loop(0, kh * kw, add_tap_gradients, zeros)
+  dx = lax.slice(dx, (0, padding, padding, 0), (n, padding + x.shape[1], padding + x.shape[2], cin))
+  return dx.astype(x.dtype), dtaps.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 
 CONV_IMPLS = ("auto", "xla", "matmul")
@@ -252,13 +331,23 @@ def resolve_conv_impl(impl: str, side: int) -> str:
 
 def conv_site(x, kernel_shape, stride: int, padding: int, dtype) -> tuning.Site:
   """The formulations of a convolution of ``x`` for "auto": XLA's, matmul, and where they apply
-  ``strided_conv`` and ``strided_conv_matmul``."""
+  ``strided_conv`` and ``strided_conv_matmul``, or ``conv_taps``.
+
+  Where the static table says matmul for a stride-1 convolution that would
+  build a patch matrix, the default is ``conv_taps``: as fast, without the
+  patches (BENCHMARKS.md).
+  """
   formulations = {"xla": functools.partial(conv_xla, stride=stride, padding=padding),
                   "matmul": functools.partial(conv_matmul, stride=stride, padding=padding)}
   strided = _input_gradient_as_matmul(x.shape, kernel_shape[0], stride, padding)
   if strided:
     formulations.update(strided=strided_conv, strided_matmul=strided_conv_matmul)
+  if stride == 1:
+    formulations["taps"] = functools.partial(conv_taps, padding=padding)
   default = resolve_conv_impl("auto", x.shape[1])
+  padded = (x.shape[0], x.shape[1] + 2 * padding, x.shape[2] + 2 * padding, x.shape[3])
+  if default == "matmul" and stride == 1 and not _on_output_side(padded, kernel_shape, stride):
+    default = "taps"
   if default == "xla" and strided:
     default = "strided"
   return tuning.site("conv", x, kernel_shape, stride, padding, dtype, formulations, default)

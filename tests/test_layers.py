@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from p2p_jax import layers, train
+from p2p_jax import layers, train, tuning
 from tests.conftest import tiny_pix2pix
 
 
@@ -98,6 +98,32 @@ def test_strided_matmul_conv_equals_xlas_with_both_gradients(size, cin, cout, ba
   _assert_same(layers.strided_conv_matmul, functools.partial(layers.conv_xla, stride=2, padding=1), x, kernel)
 
 
+# The PatchGAN's 4x4/p1 layer, a ResNet block's 3x3/p0 one, a 1x1, one with few output channels.
+@pytest.mark.parametrize("size,cin,cout,k,padding", [(9, 5, 3, 4, 1), (6, 4, 4, 3, 0), (5, 3, 6, 1, 0), (8, 8, 1, 4, 1)])
+def test_tap_conv_equals_xlas_with_both_gradients(size, cin, cout, k, padding):
+  x, kernel = _inputs(size, cin, cout, k=k)
+  _assert_same(functools.partial(layers.conv_taps, padding=padding),
+               functools.partial(layers.conv_xla, stride=1, padding=padding), x, kernel)
+
+
+def test_stride_1_convs_keep_their_input_not_a_patch_matrix_by_default():
+  """The PatchGAN's stride-1 layer at <= 32 px: the static choice keeps what XLA's own convolution
+  keeps (its input and kernel), not im2col patches 16 times its input, in autodiff and compiled."""
+  x = jax.ShapeDtypeStruct((4, 16, 16, 32), jnp.float32)
+  site = layers.conv_site(x, (4, 4, 32, 64), 1, 1, jnp.float32)
+  default = site.formulations[site.default]
+  input_and_kernel = (x.size + 4 * 4 * 32 * 64) * 4
+  assert tuning.kept_bytes(default, site) == input_and_kernel
+  patches = 4 * 15 * 15 * 16 * 32 * 4
+
+  def forward_and_gradients(x, kernel):
+    y, vjp = jax.vjp(default, x, kernel)
+    return vjp(y)
+
+  compiled = jax.jit(forward_and_gradients).lower(x, site.kernel).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < patches
+
+
 def test_odd_sides_keep_xlas_convolution():
   assert layers._input_gradient_as_matmul((1, 64, 64, 3), 4, 2, 1)
   assert not layers._input_gradient_as_matmul((1, 63, 64, 3), 4, 2, 1)
@@ -144,11 +170,12 @@ def test_bfloat16_training_runs_every_product_in_bf16_on_cpu():
   assert len(operand_types) == 3 and all(types == ("bf16", "bf16") for types in operand_types), operand_types
 
 
-def test_bfloat16_strided_matmul_conv_runs_every_product_in_bf16_on_cpu():
-  """Its reason to be: the forward pass and the kernel's gradient, which strided_conv leaves to
-  XLA's convolutions (float32 on CPU), are bf16 products like the input gradient."""
+@pytest.mark.parametrize("conv", [layers.strided_conv_matmul, functools.partial(layers.conv_taps, padding=1)])
+def test_bfloat16_matmul_convs_run_every_product_in_bf16_on_cpu(conv):
+  """Their reason to be: the forward pass and the kernel's gradient, which XLA's convolutions
+  would run in float32 on CPU, are bf16 products like the input gradient."""
   x, kernel = (t.astype(jnp.bfloat16) for t in _inputs(16, 32, 64, batch=2))
-  loss = lambda x, kernel: jnp.sum(layers.strided_conv_matmul(x, kernel) ** 2)
+  loss = lambda x, kernel: jnp.sum(conv(x, kernel) ** 2)
   text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
   operand_types = _dot_operand_dtypes(text)
   assert len(operand_types) == 3 and all(types == ("bf16", "bf16") for types in operand_types), operand_types
