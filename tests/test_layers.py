@@ -182,6 +182,31 @@ def test_bfloat16_matmul_convs_run_every_product_in_bf16_on_cpu(conv):
   assert " convolution(" not in text
 
 
+_BF16_MATMUL_CONVS = {  # name: (convolution, its stride)
+    "im2col, stride 2": (functools.partial(layers.conv_matmul, stride=2, padding=1), 2),
+    "im2col, stride 1": (functools.partial(layers.conv_matmul, stride=1, padding=1), 1),
+    "strided_conv_matmul": (layers.strided_conv_matmul, 2),
+    "conv_taps": (functools.partial(layers.conv_taps, padding=1), 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BF16_MATMUL_CONVS))
+def test_bfloat16_matmul_convs_move_bits_not_float32_on_cpu(name):
+  """XLA:CPU pads, slices and concatenates bf16 in float32: im2col patches and padded inputs
+  were written twice as large and converted back. They must be moved as bf16 bits, with
+  gradients those of the float32 convolution to bf16's precision."""
+  conv, stride = _BF16_MATMUL_CONVS[name]
+  x, kernel = _inputs(16, 32, 64, batch=2)
+  forward = jax.jit(conv).lower(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)).compile().as_text()
+  padded, patches = "f32[2,18,18,32]", ("f32[2,8,8,512]", "f32[2,15,15,512]")
+  assert padded not in forward and not any(shape in forward for shape in patches)
+  expected = _values_and_grads(functools.partial(layers.conv_xla, stride=stride, padding=1), x, kernel)
+  got = _values_and_grads(lambda x, k: conv(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)), x, kernel)
+  for a, b in zip(got, expected):
+    assert a.shape == b.shape
+    assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) <= 2e-2 * float(jnp.max(jnp.abs(b)))
+
+
 def test_bfloat16_layers_on_cpu_hand_on_float32():
   """XLA:CPU computes bf16 elementwise ops (norms, activations) through float32 conversions."""
   x = jax.random.normal(jax.random.key(0), (1, 4, 4, 16))
