@@ -373,20 +373,23 @@ def conv_site(x, kernel_shape, stride: int, padding: int, dtype) -> tuning.Site:
   """The formulations of a convolution of ``x`` for "auto": XLA's, matmul, and where they apply
   ``strided_conv`` and ``strided_conv_matmul``, or ``conv_taps``.
 
-  Where the static table says matmul for a stride-1 convolution that would
-  build a patch matrix, the default is ``conv_taps``: without the patches,
-  for about 4% of the step at 256 px batch 16 on Zen 4 (BENCHMARKS.md).
+  ``conv_taps`` competes where matmul would build a patch matrix for a
+  stride-1 convolution (not where it multiplies on the output side, as for the
+  PatchGAN's 1-channel last layer, where one output column per tap product
+  cannot win), and is the default there when the static table says matmul:
+  without the patches, for about 4% of the step at 256 px batch 16 on Zen 4
+  (BENCHMARKS.md).
   """
   formulations = {"xla": functools.partial(conv_xla, stride=stride, padding=padding),
                   "matmul": functools.partial(conv_matmul, stride=stride, padding=padding)}
   strided = _input_gradient_as_matmul(x.shape, kernel_shape[0], stride, padding)
   if strided:
     formulations.update(strided=strided_conv, strided_matmul=strided_conv_matmul)
-  if stride == 1:
+  padded = (x.shape[0], x.shape[1] + 2 * padding, x.shape[2] + 2 * padding, x.shape[3])
+  if stride == 1 and not _on_output_side(padded, kernel_shape, stride):
     formulations["taps"] = functools.partial(conv_taps, padding=padding)
   default = resolve_conv_impl("auto", x.shape[1])
-  padded = (x.shape[0], x.shape[1] + 2 * padding, x.shape[2] + 2 * padding, x.shape[3])
-  if default == "matmul" and stride == 1 and not _on_output_side(padded, kernel_shape, stride):
+  if default == "matmul" and "taps" in formulations:
     default = "taps"
   if default == "xla" and strided:
     default = "strided"

@@ -49,7 +49,7 @@ _VERSION = 6  # 2: only formulations that keep no more memory than the default c
 # 3: bf16 on CPU: every product bf16 and row-major, XLA's convolutions in float32 (layers.matmul).
 # 4: strided convolutions may run all three products as matmuls (layers.strided_conv_matmul).
 # 5: stride-1 convolutions may run as one product per kernel tap (layers.conv_taps).
-# 6: bf16 on CPU: im2col patches and padded inputs moved as bits (faster).
+# 6: bf16 on CPU: patches and padded inputs moved as bits (faster); no taps where matmul takes the output side.
 # A formulation replaces the static choice only when it is at least this much faster.
 _MARGIN = 0.05
 # A candidate whose first timed call is this many times the fastest so far is dropped untimed further.

@@ -124,6 +124,15 @@ def test_stride_1_convs_keep_their_input_not_a_patch_matrix_by_default():
   assert compiled.memory_analysis().temp_size_in_bytes < patches
 
 
+def test_per_tap_products_compete_only_where_matmul_would_build_patches():
+  """With one output channel (the PatchGAN's last layer) matmul multiplies on the output side,
+  one product for all taps; per-tap products with one output column each only cost tuning time."""
+  x = jax.ShapeDtypeStruct((2, 8, 8, 16), jnp.float32)
+  last = layers.conv_site(x, (4, 4, 16, 1), 1, 1, jnp.float32)
+  assert set(last.formulations) == {"xla", "matmul"} and last.default == "matmul"
+  assert "taps" in layers.conv_site(x, (4, 4, 16, 32), 1, 1, jnp.float32).formulations
+
+
 def test_odd_sides_keep_xlas_convolution():
   assert layers._input_gradient_as_matmul((1, 64, 64, 3), 4, 2, 1)
   assert not layers._input_gradient_as_matmul((1, 63, 64, 3), 4, 2, 1)
