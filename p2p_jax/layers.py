@@ -282,6 +282,11 @@ def _on_output_side(padded_shape, kernel_shape, stride: int) -> bool:
   return out_h * out_w * cin > height * width * cout
 
 
+def _padded_bits(x, padding: int):
+  """``_as_bits(x)`` with ``padding`` zeros around each image: what ``conv_taps`` slices its windows from."""
+  return _zero_pad(_as_bits(x), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
 def _tap_window(bits, dtype, tap, kernel_width: int, rows: int, columns: int):
   """The ``rows x columns`` window under kernel tap ``tap`` (row-major, traced) of the input
   whose ``_as_bits`` are ``bits``, as ``(pixels, in)`` of ``dtype``."""
@@ -309,7 +314,7 @@ def conv_taps(x, kernel, padding: int):
   backward windows equal to the forward pass's and keep those instead.
   """
   kh, kw, cin, cout = kernel.shape
-  bits = _zero_pad(_as_bits(x), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  bits = _padded_bits(x, padding)
   n, rows, columns = bits.shape[0], bits.shape[1] - kh + 1, bits.shape[2] - kw + 1
   taps = kernel.reshape(kh * kw, cin, cout)
 
@@ -330,7 +335,7 @@ def _conv_taps_bwd(padding, residuals, dy):
   """Each tap's gradients, from its window of the input: the input's added into its window, the kernel's set."""
   x, kernel = residuals
   kh, kw, cin, cout = kernel.shape
-  padded = _zero_pad(_as_bits(x), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  padded = _padded_bits(x, padding)
   n, rows, columns, _ = dy.shape
   taps = kernel.reshape(kh * kw, cin, cout)
   dy = dy.reshape(-1, cout)
