@@ -363,14 +363,21 @@ CONV_IMPLS = ("auto", "xla", "matmul")
 # What "auto" picks on each backend when nothing was measured (tuning.py), from
 # the measurements in BENCHMARKS.md; a backend not listed keeps XLA's own convolution.
 _AUTO_CONV = {"cpu": ((32, "matmul"),)}
+# The same for convolutions that conv_matmul computes on its output side (few output
+# channels, as the PatchGAN's last layer): there XLA:CPU's own convolution, its kernel
+# gradient above all, is 8-40x slower than the matmul at every side (BENCHMARKS.md), and
+# at 512 px, batch 1, the layer is under tuning.MIN_FLOPS, so nothing measures it.
+_AUTO_CONV_OUTPUT_SIDE = {"cpu": ((math.inf, "matmul"),)}
 
 
-def resolve_conv_impl(impl: str, side: int) -> str:
-  """The formulation that runs for an explicit ``impl``, or the static default of "auto"."""
+def resolve_conv_impl(impl: str, side: int, output_side: bool = False) -> str:
+  """The formulation that runs for an explicit ``impl``, or the static default of "auto" for a
+  convolution whose input side is ``side`` (and that ``conv_matmul`` computes on its output side
+  when ``output_side``)."""
   if impl not in CONV_IMPLS:
     raise ValueError(f"config.model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
   if impl == "auto":
-    return _pick(_AUTO_CONV, "xla", side)
+    return _pick(_AUTO_CONV_OUTPUT_SIDE if output_side else _AUTO_CONV, "xla", side)
   return impl
 
 
@@ -391,9 +398,10 @@ def conv_site(x, kernel_shape, stride: int, padding: int, dtype) -> tuning.Site:
   if strided:
     formulations.update(strided=strided_conv, strided_matmul=strided_conv_matmul)
   padded = (x.shape[0], x.shape[1] + 2 * padding, x.shape[2] + 2 * padding, x.shape[3])
-  if stride == 1 and not _on_output_side(padded, kernel_shape, stride):
+  output_side = _on_output_side(padded, kernel_shape, stride)
+  if stride == 1 and not output_side:
     formulations["taps"] = functools.partial(conv_taps, padding=padding)
-  default = resolve_conv_impl("auto", x.shape[1])
+  default = resolve_conv_impl("auto", x.shape[1], output_side)
   if default == "matmul" and "taps" in formulations:
     default = "taps"
   if default == "xla" and strided:
@@ -410,7 +418,8 @@ class Conv(nn.Module):
   machine (``conv_site``), else the static table's choice (``strided_conv`` for
   a 4x4/stride-2 one where the matmul transposed convolution is the faster
   input gradient, ``conv_taps`` for a stride-1 one that matmul would run
-  through a patch matrix).
+  through a patch matrix, matmul at any side where it multiplies on the
+  output side).
   """
   features: int
   kernel_size: int

@@ -133,6 +133,18 @@ def test_per_tap_products_compete_only_where_matmul_would_build_patches():
   assert "taps" in layers.conv_site(x, (4, 4, 16, 32), 1, 1, jnp.float32).formulations
 
 
+def test_the_static_table_runs_output_side_convolutions_as_matmul_at_every_side():
+  """The PatchGAN's 1-channel last layer at 512 px (63 px input, under tuning.MIN_FLOPS, so never
+  measured) ran XLA's convolution, whose kernel gradient took 60 ms where the matmul takes 7."""
+  assert layers.resolve_conv_impl("auto", 63, output_side=True) == "matmul"
+  last = layers.conv_site(jax.ShapeDtypeStruct((1, 63, 63, 512), jnp.float32), (4, 4, 512, 1), 1, 1,
+                          jnp.float32)
+  assert last.flops < tuning.MIN_FLOPS and last.default == "matmul"
+  wide = layers.conv_site(jax.ShapeDtypeStruct((1, 63, 63, 512), jnp.float32), (4, 4, 512, 512), 1, 1,
+                          jnp.float32)
+  assert wide.default == "xla"
+
+
 def test_odd_sides_keep_xlas_convolution():
   assert layers._input_gradient_as_matmul((1, 64, 64, 3), 4, 2, 1)
   assert not layers._input_gradient_as_matmul((1, 63, 64, 3), 4, 2, 1)
