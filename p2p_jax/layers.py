@@ -332,20 +332,31 @@ def _conv_taps_fwd(x, kernel, padding):
 
 
 def _conv_taps_bwd(padding, residuals, dy):
-  """Each tap's gradients, from its window of the input: the input's added into its window, the kernel's set."""
+  """Each tap's gradients, from its window of the input: the input's added into its window, the kernel's set.
+
+  The kernel's gradient multiplies each window transposed, ``(in, pixels)``:
+  all of them are cut from one channels-first copy of the input, where
+  ``matmul``'s own gradient would transpose every window again (for bf16 on
+  CPU, as an array of its own: 2% of the bf16 step at 256 px batch 4). Both
+  products are written out here, in ``matmul``'s form, so that no window is
+  transposed in the loop.
+  """
   x, kernel = residuals
   kh, kw, cin, cout = kernel.shape
   padded = _padded_bits(x, padding)
+  channels_first = padded.transpose(3, 0, 1, 2)
   n, rows, columns, _ = dy.shape
   taps = kernel.reshape(kh * kw, cin, cout)
-  dy = dy.reshape(-1, cout)
+  dy = dy.reshape(-1, cout).astype(x.dtype)  # Both products in the layer's dtype, as matmul's gradient.
 
   def add_tap_gradients(tap, gradients):
     dx, dtaps = gradients
-    _, vjp = jax.vjp(matmul, _tap_window(padded, x.dtype, tap, kw, rows, columns),
-                     lax.dynamic_index_in_dim(taps, tap, keepdims=False))
-    dwindow, dtap = vjp(dy)
-    corner = (0, tap // kw, tap % kw, 0)
+    row, column = tap // kw, tap % kw
+    tap_kernel = lax.dynamic_index_in_dim(taps, tap, keepdims=False)
+    dwindow = matmul(dy, _row_major_transpose(tap_kernel))
+    window_t = lax.dynamic_slice(channels_first, (0, 0, row, column), (cin, n, rows, columns))
+    dtap = matmul(_from_bits(window_t.reshape(cin, -1), x.dtype), dy)
+    corner = (0, row, column, 0)
     dx_window = lax.dynamic_slice(dx, corner, (n, rows, columns, cin))
     dx = lax.dynamic_update_slice(dx, dx_window + dwindow.reshape(dx_window.shape).astype(dx.dtype), corner)
     return dx, lax.dynamic_update_index_in_dim(dtaps, dtap.astype(dtaps.dtype), tap, 0)
