@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
-from p2p_jax import recipe, runtime, train
+from p2p_jax import recipe, runtime, train, tuning
 
 DATA_AXIS = "data"
 
@@ -45,34 +45,36 @@ def make_train_step(pix2pix: recipe.Pix2Pix, mesh: Mesh, *, steps_per_call: int 
   checkpoint resumed on another device count continue a different run.
   Metrics are means over the global batch. ``steps_per_call > 1`` runs that
   many steps per call (``train.train_steps``; batches get a leading axis of
-  that size). ``compiler_options`` default to ``runtime.compiler_options()``.
+  that size). ``compiler_options`` default to ``tuning.compiler_options()``.
   """
   replicated = NamedSharding(mesh, P())
   if steps_per_call == 1:
     step, data = train.train_step, NamedSharding(mesh, P(DATA_AXIS))
   else:
     step, data = train.train_steps, NamedSharding(mesh, P(None, DATA_AXIS))
-  options = runtime.compiler_options() if compiler_options is None else compiler_options
+  options = tuning.compiler_options() if compiler_options is None else compiler_options
   return jax.jit(functools.partial(step, pix2pix=pix2pix), in_shardings=(replicated, data),
                  out_shardings=(replicated, replicated), donate_argnums=0, compiler_options=options or None)
 
 
 def step_timer(pix2pix: recipe.Pix2Pix, batch: Mapping[str, jax.ShapeDtypeStruct],
-               mesh: Mesh) -> Callable[[], Callable[[], float]]:
+               mesh: Mesh) -> Callable[[dict], Callable[[], float]]:
   """For ``tuning.tune``'s whole-step check: a function that compiles a train step as the networks
-  trace at that moment (global batches shaped like ``batch``) and returns a call that runs it once
-  on random images and gives its seconds. The steps share one state, made on first use."""
+  trace at that moment (global batches shaped like ``batch``), with ``runtime.compiler_options()``
+  and the options it is given, and returns a call that runs it once on random images and gives its
+  seconds. The steps share one state, made on first use."""
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   shared = {}
 
-  def compile_step() -> Callable[[], float]:
+  def compile_step(options: dict) -> Callable[[], float]:
     if not shared:
       shared["state"] = jax.jit(lambda key: train.create_train_state(key, pix2pix, batch),
                                 out_shardings=replicated)(jax.random.key(0))
       keys = dict(zip("AB", jax.random.split(jax.random.key(1))))
       shared["batch"] = {name: jax.device_put(jax.random.uniform(keys[name], batch[name].shape, jnp.float32, -1, 1),
                                               data) for name in "AB"}
-    compiled = make_train_step(pix2pix, mesh).lower(shared["state"], shared["batch"]).compile()
+    step = make_train_step(pix2pix, mesh, compiler_options={**runtime.compiler_options(), **options})
+    compiled = step.lower(shared["state"], shared["batch"]).compile()
 
     def run() -> float:
       start = time.perf_counter()

@@ -138,7 +138,7 @@ def _program_description(config: ml_collections.ConfigDict, pix2pix: recipe.Pix2
   return {"config": {key: value for key, value in configuration.flatten(config).items()
                      if key not in KEYS_OUTSIDE_THE_PROGRAMS},
           "steps_per_epoch": repr(steps_per_epoch), "formulations": tuning.step_choices(pix2pix, batch),
-          "compiler_options": runtime.compiler_options()}
+          "compiler_options": tuning.compiler_options()}
 
 
 def _kept(jitted, description: Optional[Dict], program: str, mesh):

@@ -12,7 +12,11 @@ several calls), and records the fastest per layer shape in
 instruction set, or accelerator kind). A layer timed alone does not always
 predict the step around it, so where the choices differ from the static table
 the whole train step is then timed both ways, and the table's stay unless the
-measured ones make the step clearly faster (``_check_whole_step``). Layers
+measured ones make the step clearly faster (``_check_whole_step``). Compiler
+options are chosen the same way: on CPU, the layers that run XLA's own
+convolutions are measured again with YNNPACK's convolutions off
+(``_VARIANTS``), and the step compiles with the options under which its layers
+add up fastest (``compiler_options``). Layers
 look their shape up there when they are traced (``choice``); a shape never
 measured, or a process with ``P2P_JAX_CPU_TUNING=0``, gets the static table in
 ``layers`` (the safe default).
@@ -45,19 +49,27 @@ import numpy as np
 from p2p_jax import cache, runtime
 
 MIN_FLOPS = 10 ** 8
-_VERSION = 7  # 2: only formulations that keep no more memory than the default compete.
+_VERSION = 8  # 2: only formulations that keep no more memory than the default compete.
 # 3: bf16 on CPU: every product bf16 and row-major, XLA's convolutions in float32 (layers.matmul).
 # 4: strided convolutions may run all three products as matmuls (layers.strided_conv_matmul).
 # 5: stride-1 convolutions may run as one product per kernel tap (layers.conv_taps).
 # 6: bf16 on CPU: patches and padded inputs moved as bits (faster); no taps where matmul takes the output side.
 # 7: conv_taps' kernel gradient from one transposed input (faster); the static table runs output-side
 #    convolutions as matmul at every side (the whole-step check compares against it).
+# 8: on CPU, layers are measured also without YNNPACK's convolutions, and the step may compile so.
 # A formulation replaces the static choice only when it is at least this much faster.
 _MARGIN = 0.05
 # A candidate whose first timed call is this many times the fastest so far is dropped untimed further.
 _CUTOFF = 2.0
 # Timed calls of each whole step in the check of the measured choices against the static table.
 _STEP_CALLS = 3
+# Compiler options a train step may compile with instead of XLA's defaults, by backend; measured
+# like the formulations. XLA:CPU hands its convolutions to YNNPACK, whose kernels ran a batch-16
+# step's convolution kernel gradients up to 4x slower than XLA's own and were faster at batch 1
+# (BENCHMARKS.md); the value is XLA's default list of library fusions less the convolutions.
+XLA_DEFAULTS = "XLA's defaults"
+_VARIANTS = {"cpu": {"no YNNPACK convolutions": {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +106,8 @@ def site(kind: str, x, kernel_shape: Sequence[int], stride: int, padding: int, d
 
 # Choices known to this process: the record file's (read once), then what tune() measured.
 _choices: Optional[Dict[str, str]] = None
+# The compiler options tune() chose for the step, beyond runtime.compiler_options(): {} for XLA's defaults.
+_step_options: Dict[str, str] = {}
 
 
 def record_path():
@@ -163,6 +177,41 @@ def reset() -> None:
   """Forgets the choices this process knows; the next ``choice`` reads the record file again."""
   global _choices
   _choices = None
+  _step_options.clear()
+
+
+def step_options() -> dict:
+  """The compiler options ``tune`` chose for the step: {} for XLA's defaults."""
+  return dict(_step_options)
+
+
+def compiler_options() -> dict:
+  """What a train step compiles with: ``runtime.compiler_options()`` and ``step_options()``."""
+  return {**runtime.compiler_options(), **_step_options}
+
+
+@functools.lru_cache(maxsize=None)
+def _variants() -> Dict[str, dict]:
+  """This backend's ``_VARIANTS`` that this XLA accepts (an option renamed in another version is left out)."""
+  accepted = {}
+  for name, options in _VARIANTS.get(jax.default_backend(), {}).items():
+    try:
+      jax.jit(lambda x: x + 1).lower(jnp.zeros(())).compile(compiler_options=options)
+    except jax.errors.JaxRuntimeError:
+      logging.info("This XLA does not take %s; its steps compile with XLA's defaults.", options)
+      continue
+    accepted[name] = options
+  return accepted
+
+
+def _convolves(traced: Site) -> bool:
+  """Whether a formulation of ``traced`` runs one of XLA's own convolutions (forward or gradients)."""
+  def forward_and_gradients(x, kernel, formulation):
+    y, vjp = jax.vjp(formulation, x, kernel)
+    return vjp(y)
+  return any("conv_general_dilated" in str(jax.make_jaxpr(functools.partial(forward_and_gradients,
+                                                                            formulation=f))(traced.x, traced.kernel))
+             for f in traced.formulations.values())
 
 
 def collect(fn: Callable, *args, **kwargs) -> Dict[str, Site]:
@@ -202,11 +251,12 @@ def step_choices(pix2pix, batch) -> Dict[str, str]:
 
 
 def time_formulation(formulation: Callable, traced: Site, limit_ms: float = math.inf,
-                     repeats: int = 5, budget_s: float = 1.0) -> float:
+                     repeats: int = 5, budget_s: float = 1.0, compiler_options: Optional[dict] = None) -> float:
   """Milliseconds of ``formulation``'s forward pass and both gradients: the fastest of up to ``repeats`` calls.
 
   Stops after one timed call if that exceeds ``limit_ms`` (returning it), and
-  after ``budget_s`` of timed calls (at least two).
+  after ``budget_s`` of timed calls (at least two). Compiled with
+  ``compiler_options`` where given.
   """
   def forward_and_gradients(x, kernel, cotangent):
     y, vjp = jax.vjp(formulation, x, kernel)
@@ -217,8 +267,8 @@ def time_formulation(formulation: Callable, traced: Site, limit_ms: float = math
   kernel = 0.02 * jax.random.normal(keys[1], traced.kernel.shape, traced.kernel.dtype)
   output = jax.eval_shape(formulation, traced.x, traced.kernel)
   cotangent = jax.random.normal(keys[2], output.shape, output.dtype)
-  run = jax.jit(forward_and_gradients)
-  jax.block_until_ready(run(x, kernel, cotangent))  # Compiles, and settles the heap.
+  run = jax.jit(forward_and_gradients).lower(x, kernel, cotangent).compile(compiler_options)
+  jax.block_until_ready(run(x, kernel, cotangent))  # Settles the heap.
   times, spent = [], 0.0
   while len(times) < repeats:
     start = time.perf_counter()
@@ -236,7 +286,7 @@ def kept_bytes(formulation: Callable, traced: Site) -> int:
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(backward))
 
 
-def measure(traced: Site, timer: Optional[Callable] = None) -> dict:
+def measure(traced: Site, timer: Optional[Callable] = None, compiler_options: Optional[dict] = None) -> dict:
   """``{"choice": name, "ms": {name: ms}, "kept_mib": {name: MiB}}`` for the formulations of ``traced``.
 
   Only formulations that keep no more for the backward pass than the static
@@ -248,8 +298,11 @@ def measure(traced: Site, timer: Optional[Callable] = None) -> dict:
   cut off after one call (its time then only says it lost); for a batch of
   several, one far slower than the default on one example is not run on the
   whole batch (XLA:CPU's transposed convolution takes seconds there).
+  Each formulation compiles with ``compiler_options`` where given.
   """
   timer = timer or time_formulation
+  if compiler_options:
+    timer = functools.partial(timer, compiler_options=compiler_options)
   kept = {name: kept_bytes(f, traced) for name, f in traced.formulations.items()}
   names = [traced.default] + sorted(name for name in traced.formulations
                                     if name != traced.default and kept[name] <= kept[traced.default])
@@ -285,53 +338,85 @@ def _write_records(measured: Dict[str, dict], steps: Optional[Dict[str, dict]] =
   cache.write_json(path, data, "the measured formulations")
 
 
-def _measure_new(sites: Sequence[Site], records: Dict[str, dict], timer: Optional[Callable]) -> None:
-  """Measures the sites ``records`` lacks, logging each, and adds them to it and to the record file."""
-  todo = [s for s in sites if s.key not in records]
+def _measure_new(sites: Sequence[Site], records: Dict[str, dict], timer: Optional[Callable],
+                 variant: str = XLA_DEFAULTS) -> None:
+  """Measures the sites ``records`` lacks, logging each, and adds them to it and to the record file.
+
+  For a ``variant`` of the compiler options, a site's record is ``_variant_key(key, variant)``.
+  """
+  key_of = lambda s: _variant_key(s.key, variant)
+  todo = [s for s in sites if key_of(s) not in records]
   if not todo:
     return
-  logging.info("Measuring the formulations of %d convolution shapes on this machine (once per machine and "
-               "shape; recorded in %s).", len(todo), record_path() or "memory only: caching is off")
+  logging.info("Measuring the formulations of %d convolution shapes on this machine, compiled with %s (once "
+               "per machine and shape; recorded in %s).", len(todo), variant,
+               record_path() or "memory only: caching is off")
+  options = _variants().get(variant)
   start, measured = time.perf_counter(), {}
   for s in todo:
-    measured[s.key] = measure(s, timer)
-    logging.info("  %s: %s (%s ms)", s.key, measured[s.key]["choice"],
-                 ", ".join(f"{name} {ms:g}" for name, ms in measured[s.key]["ms"].items()))
+    measured[key_of(s)] = measure(s, timer, options)
+    logging.info("  %s: %s (%s ms)", s.key, measured[key_of(s)]["choice"],
+                 ", ".join(f"{name} {ms:g}" for name, ms in measured[key_of(s)]["ms"].items()))
   logging.info("Measured in %.1f s.", time.perf_counter() - start)
   _write_records(measured)
   records.update(measured)
 
 
-def _step_key(choices: Mapping[str, str]) -> str:
-  """The whole-step check's key: the step's measured sites and what each chose."""
-  text = "\n".join(f"{key}: {name}" for key, name in sorted(choices.items()))
+def _variant_key(key: str, variant: str) -> str:
+  """A site's record key when measured with a variant of the compiler options."""
+  return key if variant == XLA_DEFAULTS else f"{key}, {variant}"
+
+
+def _step_key(choices: Mapping[str, str], variant: str) -> str:
+  """The whole-step check's key: the step's measured sites, what each chose, and the compiler options."""
+  text = "\n".join([*(f"{key}: {name}" for key, name in sorted(choices.items())), variant])
   return f"step {hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
-def _check_whole_step(sites: Mapping[str, Site], chosen: Dict[str, str],
-                      step_timer: Callable[[], Callable[[], float]]) -> Dict[str, str]:
-  """``chosen``, or the static table's choices if the whole step does not run clearly faster with
-  ``chosen``: a layer timed alone does not always predict the step it is part of (BENCHMARKS.md).
+def _fastest(sites: Mapping[str, Site], records: Dict[str, dict], timer: Optional[Callable]):
+  """``(choices, variant)``: the layers' choices under the compiler options whose layers add up fastest.
 
-  Each candidate step is compiled as the layers trace with its choices
-  (``step_timer()``), run once untimed, then ``_STEP_CALLS`` times, alternating;
-  the medians are compared with ``_MARGIN``, as a layer's formulations are. The
-  verdict is recorded, so each set of choices is checked once per machine.
+  Only sites where a formulation runs one of XLA's own convolutions are
+  measured again with a variant; the others' records stand for both.
+  """
+  best, best_ms = None, math.inf
+  for variant in (XLA_DEFAULTS, *_variants()):
+    convolving = [s for s in sites.values() if variant == XLA_DEFAULTS or _convolves(s)]
+    _measure_new(convolving, records, timer, variant)
+    layers = {key: records.get(_variant_key(key, variant), records[key]) for key in sites}
+    ms = sum(layer["ms"][layer["choice"]] for layer in layers.values())
+    if ms < best_ms:
+      best, best_ms = ({key: layer["choice"] for key, layer in layers.items()}, variant), ms
+  return best
+
+
+def _check_whole_step(sites: Mapping[str, Site], chosen: Dict[str, str], variant: str,
+                      step_timer: Callable[[dict], Callable[[], float]]):
+  """``(chosen, variant)``, or the static table's choices with XLA's defaults if the whole step does
+  not run clearly faster with ``chosen`` compiled with ``variant``'s options: a layer timed alone
+  does not always predict the step it is part of (BENCHMARKS.md).
+
+  Each candidate step is compiled as the layers trace with its choices, with
+  its compiler options (``step_timer(options)``), run once untimed, then
+  ``_STEP_CALLS`` times, alternating; the medians are compared with ``_MARGIN``,
+  as a layer's formulations are. The verdict is recorded, so each set of
+  choices is checked once per machine.
   """
   static = {key: s.default for key, s in sites.items()}
-  if chosen == static:
-    return chosen
-  key = _step_key(chosen)
+  if (chosen, variant) == (static, XLA_DEFAULTS):
+    return chosen, variant
+  key = _step_key(chosen, variant)
   verdict = _steps_in(_read_file()).get(key)
   if verdict is None:
-    logging.info("Timing the whole train step with the measured formulations and with the static table "
-                 "(once per machine and shape).")
+    logging.info("Timing the whole train step with the measured formulations (compiled with %s) and with the "
+                 "static table (once per machine and shape).", variant)
     known, runs = _known(), {}
     before = dict(known)
     try:
-      for name, choices in (("measured", chosen), ("static", static)):
+      for name, choices, options in (("measured", chosen, _variants().get(variant, {})),
+                                     ("static", static, {})):
         known.update(choices)
-        runs[name] = step_timer()
+        runs[name] = step_timer(options)
     finally:
       known.clear()
       known.update(before)
@@ -346,11 +431,11 @@ def _check_whole_step(sites: Mapping[str, Site], chosen: Dict[str, str],
     logging.info("  the whole step: %s (measured formulations %g ms, static table %g ms)",
                  verdict["choice"], ms["measured"], ms["static"])
     _write_records({}, {key: verdict})
-  return chosen if verdict["choice"] == "measured" else static
+  return (chosen, variant) if verdict["choice"] == "measured" else (static, XLA_DEFAULTS)
 
 
 def tune(pix2pix, batch, *, min_flops: Optional[int] = None, timer: Optional[Callable] = None,
-         step_timer: Optional[Callable[[], Callable[[], float]]] = None) -> Dict[str, str]:
+         step_timer: Optional[Callable[[dict], Callable[[], float]]] = None) -> Dict[str, str]:
   """Measures the formulations of ``pix2pix``'s convolutions for batches like ``batch``; returns the choices.
 
   Sites recorded on this machine before are not measured again; new
@@ -358,7 +443,11 @@ def tune(pix2pix, batch, *, min_flops: Optional[int] = None, timer: Optional[Cal
   effect in this process for everything traced after. With several processes,
   process 0 measures and every process uses its choices, so that all compile
   the same program. Sites with nothing to choose, or under ``min_flops``
-  (``MIN_FLOPS``), keep the static default. For a step in reduced precision
+  (``MIN_FLOPS``), keep the static default. Where the backend has variants
+  of its compiler options (``_VARIANTS``), the layers that run XLA's own
+  convolutions are measured with each too, and the step takes the options
+  whose layers add up fastest (``compiler_options()`` then includes them).
+  For a step in reduced precision
   the float32 layers are measured too, and a warning says when those are
   faster (bf16 without bf16 matrix units). With ``step_timer``
   (``parallel.step_timer``) and one process, the measured choices are then
@@ -369,11 +458,10 @@ def tune(pix2pix, batch, *, min_flops: Optional[int] = None, timer: Optional[Cal
   sites = {key: s for key, s in sorted(step_sites(pix2pix, batch).items())
            if len(s.formulations) > 1 and s.flops >= min_flops}
   known = _known()
-  chosen = {}
+  chosen, variant = {}, XLA_DEFAULTS
   if jax.process_index() == 0:
     records = _read_records()
-    _measure_new(sites.values(), records, timer)
-    chosen = {key: records[key]["choice"] for key in sites}
+    chosen, variant = _fastest(sites, records, timer)
     reduced = [s for s in sites.values() if s.x.dtype != jnp.float32]
     if reduced:  # Say so when the reduced precision is the slower one here.
       full = [s.in_float32() for s in reduced]
@@ -385,11 +473,16 @@ def tune(pix2pix, batch, *, min_flops: Optional[int] = None, timer: Optional[Cal
             "%.1f ms, measured layer by layer): config.model.dtype=float32 is faster here.",
             fastest(reduced) / fastest(full), reduced[0].x.dtype.name, fastest(reduced), fastest(full))
     if step_timer is not None and jax.process_count() == 1:
-      chosen = _check_whole_step(sites, chosen, step_timer)
+      chosen, variant = _check_whole_step(sites, chosen, variant, step_timer)
   if jax.process_count() > 1 and sites:
     names = {key: sorted(s.formulations) for key, s in sites.items()}
-    index = np.asarray([names[key].index(chosen[key]) if chosen else 0 for key in sites], np.int32)
+    variants = [XLA_DEFAULTS, *_variants()]
+    index = np.asarray([names[key].index(chosen[key]) if chosen else 0 for key in sites]
+                       + [variants.index(variant)], np.int32)
     index = multihost_utils.broadcast_one_to_all(index)
-    chosen = {key: names[key][int(i)] for key, i in zip(sites, index)}
+    chosen = {key: names[key][int(i)] for key, i in zip(sites, index[:-1])}
+    variant = variants[int(index[-1])]
   known.update(chosen)
+  _step_options.clear()
+  _step_options.update(_variants().get(variant, {}))
   return chosen

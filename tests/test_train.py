@@ -217,15 +217,38 @@ def test_the_step_timer_compiles_the_step_its_layers_trace_now_and_runs_it(monke
   for fastest in ("xla", "matmul"):
     tuning.reset()
     monkeypatch.setenv(cache.ENV, str(tmp_path / fastest))
-    tuning.tune(pix2pix, batch, min_flops=0, timer=lambda f, site, limit: 1.0 if site.formulations.get(fastest) is f
+    tuning.tune(pix2pix, batch, min_flops=0, timer=lambda f, site, limit, **_: 1.0 if site.formulations.get(fastest) is f
                 else 10.0)
     lowered = []
     monkeypatch.setattr(jax.stages.Lowered, "compile", _recording(jax.stages.Lowered.compile, lowered))
-    run = compile_step()
+    run = compile_step({})
     convolutions.append(lowered[-1].as_text().count("stablehlo.convolution"))
     assert 0 < run() < 60 and 0 < run() < 60  # The state is donated and replaced at each call.
   tuning.reset()
   assert convolutions[0] > 0 == convolutions[1]
+
+
+def test_the_train_step_compiles_with_the_options_tuning_chose(monkeypatch, tmp_path):
+  """tune() may choose compiler options for the step (XLA:CPU's convolutions kept from YNNPACK):
+  the library's step then compiles with them."""
+  monkeypatch.setenv(cache.ENV, str(tmp_path))
+  pix2pix = tiny_pix2pix()
+  image = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  batch = {"A": image, "B": image}
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  state = jax.eval_shape(lambda key: train.create_train_state(key, pix2pix, batch), jax.random.key(0))
+  in_ynnpack = lambda **options: parallel.make_train_step(pix2pix, mesh, **options).lower(
+      state, batch).compile().as_text().count('"__ynn_fusion"')
+  prefer_xla_without_ynnpack = lambda f, site, limit, compiler_options=None: (
+      0.5 if compiler_options and site.formulations.get("xla") is f else 1.0)
+  tuning.reset()
+  tuning.tune(pix2pix, batch, min_flops=0, timer=prefer_xla_without_ynnpack,
+              step_timer=lambda options: lambda: 0.1 if options else 0.2)
+  ((_, options),) = tuning._variants().items()  # pylint: disable=protected-access
+  assert tuning.compiler_options() == {**runtime.compiler_options(), **options}
+  # The same layers' choices, with and without the options: fewer of XLA's operations go to YNNPACK.
+  assert in_ynnpack() < in_ynnpack(compiler_options=runtime.compiler_options())
+  tuning.reset()
 
 
 def _recording(compile_method, lowered):

@@ -7,14 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from p2p_jax import cache, layers, trainer, tuning
+from p2p_jax import cache, layers, runtime, trainer, tuning
 from tests.conftest import run_config, tiny_pix2pix
+
+
+_VARIANTS = tuning._variants  # pylint: disable=protected-access
 
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
-  """A fresh record file per test, and no choices carried over from other tests."""
+  """A fresh record file per test, no choices carried over from other tests, and XLA's default
+  compiler options alone unless a test brings back the variants (``_VARIANTS``)."""
   monkeypatch.setenv(cache.ENV, str(tmp_path / "cache"))
+  monkeypatch.setattr(tuning, "_variants", dict)
   tuning.reset()
   yield
   tuning.reset()
@@ -37,8 +42,8 @@ def _name(formulation, site):
 
 def _timer_preferring(fastest, calls=None):
   """A fake timer: 1 ms for the formulation ``fastest[kind]`` of a site, 10 ms for any other."""
-  def timer(formulation, site, limit_ms):
-    del limit_ms
+  def timer(formulation, site, limit_ms, compiler_options=None):
+    del limit_ms, compiler_options
     if calls is not None:
       calls.append(site.key)
     return 1.0 if _name(formulation, site) == fastest[site.key.split()[0]] else 10.0
@@ -267,7 +272,8 @@ def test_the_whole_step_keeps_the_static_table_unless_the_measured_choices_make_
   down_0 = sites["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
   compiled = []
 
-  def step_timer():  # A step "compiled" now runs what the layers trace now.
+  def step_timer(options):  # A step "compiled" now runs what the layers trace now.
+    assert options == {}
     compiled.append(tuning.choice(down_0))
     took = measured_s if compiled[-1] == "xla" else static_s
     return lambda: took
@@ -289,9 +295,61 @@ def test_the_whole_step_keeps_the_static_table_unless_the_measured_choices_make_
 
 
 def test_no_whole_step_check_when_the_choices_are_the_static_table():
-  def step_timer():
+  def step_timer(options):
     raise AssertionError("the whole step was timed")
   chosen = tuning.tune(tiny_pix2pix(), _batch(), min_flops=0, step_timer=step_timer,
                        timer=_timer_preferring({"conv": "matmul", "upconv": "matmul"}))
   sites = tuning.step_sites(tiny_pix2pix(), _batch())
   assert chosen and all(name == sites[key].default for key, name in chosen.items())
+
+
+def test_without_ynnpack_convolutions_xla_runs_its_own():
+  """The variant's premise: XLA:CPU hands a convolution to YNNPACK by default, and not with its options."""
+  (options,) = _VARIANTS().values()
+  step = jax.jit(lambda x, kernel: layers.conv_xla(x, kernel, 2, 1)).lower(
+      jax.ShapeDtypeStruct((2, 16, 16, 32), jnp.float32), jax.ShapeDtypeStruct((4, 4, 32, 64), jnp.float32))
+  assert step.compile().as_text().count('"__ynn_fusion"') == 1
+  assert step.compile(options).as_text().count('"__ynn_fusion"') == 0
+
+
+def test_options_this_xla_does_not_take_are_left_out(monkeypatch):
+  monkeypatch.setattr(tuning, "_VARIANTS", {"cpu": {"bogus": {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH"}}})
+  assert _VARIANTS.__wrapped__() == {}
+
+
+def _timer_by_options(ms):
+  """A fake timer: ``ms[(formulation, compiled with a variant's options)]``, else 10 ms."""
+  def timer(formulation, site, limit_ms, compiler_options=None):
+    del limit_ms
+    return ms.get((_name(formulation, site), bool(compiler_options)), 10.0)
+  return timer
+
+
+@pytest.mark.parametrize("xla_with_variant_ms, variant_kept", [(0.5, True), (6.0, False)])
+def test_the_step_takes_the_compiler_options_whose_layers_add_up_fastest(monkeypatch, xla_with_variant_ms,
+                                                                          variant_kept):
+  monkeypatch.setattr(tuning, "_variants", _VARIANTS)
+  ((variant, options),) = _VARIANTS().items()
+  pix2pix, batch = tiny_pix2pix(), _batch()
+  timer = _timer_by_options({("matmul", False): 1.0, ("matmul", True): 1.0, ("xla", False): 5.0,
+                             ("xla", True): xla_with_variant_ms})
+  compiled = []
+
+  def step_timer(step_options):
+    compiled.append(step_options)
+    return lambda: 0.1 if step_options else 0.2
+
+  chosen = tuning.tune(pix2pix, batch, min_flops=0, timer=timer, step_timer=step_timer)
+  sites = tuning.step_sites(pix2pix, batch)
+  records = json.loads(tuning.record_path().read_text())["sites"]
+  convolving = [key for key, s in sites.items() if "xla" in s.formulations]
+  assert convolving and all(f"{key}, {variant}" in records for key in convolving)  # Measured both ways.
+  if variant_kept:
+    assert all(chosen[key] == "xla" for key in convolving)
+    assert compiled == [options, {}]  # The measured choices with the variant's options, the static table without.
+    assert tuning.compiler_options() == {**runtime.compiler_options(), **options}
+  else:
+    assert compiled and options not in compiled  # Every step checked compiled with XLA's defaults.
+    assert tuning.compiler_options() == runtime.compiler_options()
+  tuning.reset()
+  assert tuning.compiler_options() == runtime.compiler_options()
