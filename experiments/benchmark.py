@@ -348,7 +348,8 @@ def benchmark_train() -> None:
                conv_impl=FLAGS.conv_impl, upconv_impl=FLAGS.upconv_impl,
                measured_formulations=dict(sorted(collections.Counter(tuned.values()).items())), tune_s=round(tune_s, 1),
                reuse_host_memory=FLAGS.reuse_host_memory, region_analysis=FLAGS.region_analysis,
-               compiler_options=options, images_per_sec=round(global_batch / per_step, 3), ms_per_step=round(1000 * per_step, 1),
+               compiler_options=options, images_per_sec=round(global_batch / per_step, 3),
+               ms_per_step=round(1000 * per_step, 1),
                min_ms=round(1000 * min(times) / FLAGS.steps_per_call, 1),
                max_ms=round(1000 * max(times) / FLAGS.steps_per_call, 1), compile_s=round(compile_s, 1),
                g_loss=float(np.ravel(metrics["g_loss"])[-1])))

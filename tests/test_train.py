@@ -217,8 +217,8 @@ def test_the_step_timer_compiles_the_step_its_layers_trace_now_and_runs_it(monke
   for fastest in ("xla", "matmul"):
     tuning.reset()
     monkeypatch.setenv(cache.ENV, str(tmp_path / fastest))
-    tuning.tune(pix2pix, batch, min_flops=0, timer=lambda f, site, limit, **_: 1.0 if site.formulations.get(fastest) is f
-                else 10.0)
+    tuning.tune(pix2pix, batch, min_flops=0,
+                timer=lambda f, site, limit, **_: 1.0 if site.formulations.get(fastest) is f else 10.0)
     lowered = []
     monkeypatch.setattr(jax.stages.Lowered, "compile", _recording(jax.stages.Lowered.compile, lowered))
     run = compile_step({})
