@@ -377,12 +377,13 @@ def _fastest(sites: Mapping[str, Site], records: Dict[str, dict], timer: Optiona
   """``(choices, variant)``: the layers' choices under the compiler options whose layers add up fastest.
 
   Only sites where a formulation runs one of XLA's own convolutions are
-  measured again with a variant; the others' records stand for both.
+  measured again with a variant; the others' records stand for both. Sites
+  recorded before are not traced again to find out (a run's start).
   """
   best, best_ms = None, math.inf
   for variant in (XLA_DEFAULTS, *_variants()):
-    convolving = [s for s in sites.values() if variant == XLA_DEFAULTS or _convolves(s)]
-    _measure_new(convolving, records, timer, variant)
+    new = [s for s in sites.values() if _variant_key(s.key, variant) not in records]
+    _measure_new([s for s in new if variant == XLA_DEFAULTS or _convolves(s)], records, timer, variant)
     layers = {key: records.get(_variant_key(key, variant), records[key]) for key in sites}
     ms = sum(layer["ms"][layer["choice"]] for layer in layers.values())
     if ms < best_ms:
