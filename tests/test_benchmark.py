@@ -70,13 +70,25 @@ def test_a_small_run_reports_one_json_line_a_profile_and_the_floor(capsys):
   for key in ("images_per_sec", "ms_per_step", "compile_s", "peak_rss_mib", "device", "dtype", "min_ms", "max_ms"):
     assert key in result
   assert result["images_per_sec"] > 0
-  # The floor is XLA's FLOP count at the measured matmul rate.
+  # The floor is the model's FLOP count at the measured matmul rate.
   assert result["gflop_per_step"] > 0 and result["matmul_gflops"] > 0
   assert result["floor_ms"] == pytest.approx(1000 * result["gflop_per_step"] / result["matmul_gflops"], rel=0.01)
   assert result["ratio_to_floor"] == pytest.approx(result["ms_per_step"] / result["floor_ms"], rel=0.05)
   assert any("UNetGenerator/up_0 backward" in line for line in lines[:-1])
   assert any("PatchDiscriminator/conv_0 forward" in line for line in lines[:-1])
   assert sum(line.startswith("profile op ") for line in lines) == 3
+
+
+def test_the_floor_counts_the_same_flops_whatever_formulations_run(capsys):
+  """At 32 px the PatchGAN's stride-1 layers run ``conv_taps``, whose loop XLA's count of the
+  compiled step sees once (and im2col products count their padding zeros); the floor must not
+  change with the formulations."""
+  counts = {}
+  for conv_impl, upconv_impl in (("auto", "auto"), ("xla", "conv_transpose")):
+    with flagsaver.flagsaver(size=32, steps=1, warmup=1, floor=True, conv_impl=conv_impl, upconv_impl=upconv_impl):
+      benchmark.benchmark_train()
+    counts[conv_impl] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gflop_per_step"]
+  assert counts["auto"] == pytest.approx(counts["xla"], rel=1e-6)
 
 
 def test_a_small_run_shows_what_the_step_holds_at_its_memory_peak(capsys):
