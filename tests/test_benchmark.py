@@ -79,16 +79,18 @@ def test_a_small_run_reports_one_json_line_a_profile_and_the_floor(capsys):
   assert sum(line.startswith("profile op ") for line in lines) == 3
 
 
-def test_the_floor_counts_the_same_flops_whatever_formulations_run(capsys):
+def test_the_floor_counts_the_same_flops_whatever_formulations_and_devices_run(capsys):
   """At 32 px the PatchGAN's stride-1 layers run ``conv_taps``, whose loop XLA's count of the
   compiled step sees once (and im2col products count their padding zeros); the floor must not
-  change with the formulations."""
+  change with the formulations, nor, per device, with the device count."""
   counts = {}
-  for conv_impl, upconv_impl in (("auto", "auto"), ("xla", "conv_transpose")):
-    with flagsaver.flagsaver(size=32, steps=1, warmup=1, floor=True, conv_impl=conv_impl, upconv_impl=upconv_impl):
+  for conv_impl, upconv_impl, devices in (("auto", "auto", 1), ("xla", "conv_transpose", 1), ("auto", "auto", 2)):
+    with flagsaver.flagsaver(size=32, steps=1, warmup=1, floor=True, conv_impl=conv_impl, upconv_impl=upconv_impl,
+                             devices=devices):
       benchmark.benchmark_train()
-    counts[conv_impl] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gflop_per_step"]
-  assert counts["auto"] == pytest.approx(counts["xla"], rel=1e-6)
+    counts[conv_impl, devices] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["gflop_per_step"]
+  assert counts["auto", 1] == pytest.approx(counts["xla", 1], rel=1e-6)
+  assert counts["auto", 2] == pytest.approx(counts["xla", 1], rel=1e-6)
 
 
 def test_a_small_run_shows_what_the_step_holds_at_its_memory_peak(capsys):
