@@ -267,16 +267,17 @@ def step_gflop(config: ml_collections.ConfigDict, abstract_state, batch_shape) -
   multiply-add they make (none for padding or dilation). The compiled step's
   own count depends on the formulations: XLA counts a loop's body once
   (``conv_taps``: 57.6 against 84.4 GFLOP at 256 px) and the zeros an im2col
-  product multiplies. Lowering it is enough: no compilation. It is lowered on
-  one device with one device's batch: a sharded program's count is not that.
+  product multiplies. Lowering it is enough: no compilation. It is one step
+  lowered on one device with one device's batch: XLA's count of a scan of
+  steps (``--steps_per_call``) or of a sharded program is not that.
   """
   reference = config.copy_and_resolve_references()
   reference.model.conv_impl, reference.model.upconv_impl = "xla", "conv_transpose"
   pix2pix = recipe.Pix2Pix.from_config(reference, steps_per_epoch=1000)
-  step = parallel.make_train_step(pix2pix, parallel.make_mesh(jax.devices()[:1]), steps_per_call=FLAGS.steps_per_call)
+  step = parallel.make_train_step(pix2pix, parallel.make_mesh(jax.devices()[:1]))
   state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
-  images = jax.ShapeDtypeStruct((*batch_shape.shape[:-4], FLAGS.batch, *batch_shape.shape[-3:]), batch_shape.dtype)
-  return step.lower(state, {"A": images, "B": images}).cost_analysis()["flops"] / 1e9 / FLAGS.steps_per_call
+  images = jax.ShapeDtypeStruct((FLAGS.batch, *batch_shape.shape[-3:]), batch_shape.dtype)
+  return step.lower(state, {"A": images, "B": images}).cost_analysis()["flops"] / 1e9
 
 
 def benchmark_train() -> None:
