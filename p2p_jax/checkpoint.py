@@ -169,15 +169,19 @@ def _sums(leaves) -> List[jax.Array]:
   (d * odd is never 0 mod 2^32 for 0 < |d| < 2^32); the second, with other
   weights, leaves changes of many words a 2^-64 chance of passing. Integer
   sums are exact whatever the order, so any device layout gives the same.
+  Both sums are one reduction over the words (``lax.reduce`` of a pair):
+  computed as two, XLA kept each array's words and weights in temporary
+  buffers, twice the state (1309 MiB for the 256 px model's, BENCHMARKS.md).
   """
   result = []
   for leaf in leaves:
     words = _words(leaf)
-    i = jnp.arange(words.size, dtype=jnp.uint32)
-    first = jnp.sum(words * (2 * i + 1), dtype=jnp.uint32)
-    second = jnp.sum((words ^ (words >> 13)) * ((i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | 1),
-                     dtype=jnp.uint32)
-    result.append(jnp.stack([first, second]))
+    i = lax.iota(jnp.uint32, words.size)
+    first = words * (2 * i + 1)
+    second = (words ^ (words >> 13)) * ((i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)) | 1)
+    zero = jnp.uint32(0)
+    sums = lax.reduce((first, second), (zero, zero), lambda a, b: (a[0] + b[0], a[1] + b[1]), (0,))
+    result.append(jnp.stack(sums))
   return result
 
 
