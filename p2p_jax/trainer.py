@@ -288,19 +288,29 @@ def _train(config, workdir, pix2pix, stop: _StopRequest, mesh, keep_executables:
       raise NonFiniteError(f"The state after step {step} is not finite; it was not saved. The "
                            f"checkpoints in {checkpoints} are kept; lower config.optim.lr.")
     checkpoint.save(manager, state, step, config, pix2pix)
+    if jax.default_backend() == "cpu":
+      # In the background the write shares the step's cores, and its copies of the state take the heap
+      # the step's buffers had: waiting costs about a second a save, and 0.5-0.7 GB less (BENCHMARKS.md).
+      checkpoint.check_saved(manager, step, wait=True)
     return step
 
   if stop.agreed(at_sync_point=True):
     logging.warning("Stopped by %s before step %d; nothing new to save in %s.", stop.signal_name,
                     start_step + 1, checkpoints)
     return state
-  saved = None  # The step of the last save begun; its write finishes in the background.
+  saved = None  # The step of the last save begun; off CPU its write finishes in the background.
+  # Heap freed since the last trim (runtime.release_free_memory): by compilation and
+  # initialisation, trimmed after the first step, and by each save, trimmed once it is written.
+  untrimmed = True
   try:
     with progress.Progress(num_steps, start_step, enabled=is_main) as terminal:
       log = _PendingMetrics(writer, terminal, pix2pix.learning_rate)
       for step in range(start_step + 1, num_steps + 1):
         if saved is not None:  # A failed save stops the run at the next step, not at the end.
           checkpoint.check_saved(manager, saved)
+        if untrimmed and step > start_step + 1 and not manager.is_saving_in_progress():
+          runtime.release_free_memory()
+          untrimmed = False
         batch = jax.tree_util.tree_map(
             lambda x: jax.make_array_from_process_local_data(batch_sharding, x), next(batches))
         state, step_metrics = step_fn(state, batch)
@@ -319,6 +329,7 @@ def _train(config, workdir, pix2pix, stop: _StopRequest, mesh, keep_executables:
           evaluate(state, step)
         if step % config.checkpoint_every_steps == 0 or step == num_steps or stopping:
           saved = save(state, step, log, saved)
+          untrimmed = True
         if stopping:
           logging.warning("Stopped by %s after step %d; saved a checkpoint in %s.",
                           stop.signal_name, step, checkpoints)
