@@ -290,7 +290,7 @@ def _train(config, workdir, pix2pix, stop: _StopRequest, mesh, keep_executables:
     checkpoint.save(manager, state, step, config, pix2pix)
     if jax.default_backend() == "cpu":
       # In the background the write shares the step's cores, and its copies of the state take the heap
-      # the step's buffers had: waiting costs about a second a save, and 0.5-0.7 GB less (BENCHMARKS.md).
+      # the step's buffers had: waiting costs about a second a save, and 0.4-0.7 GB less (BENCHMARKS.md).
       checkpoint.check_saved(manager, step, wait=True)
     return step
 

@@ -322,7 +322,7 @@ def test_on_cpu_a_save_is_written_before_the_next_step_and_freed_heap_goes_back(
     tmp_path, synthetic_dir, monkeypatch):
   """Written in the background, a save's copies of the state took the heap the step's buffers had.
 
-  At 256 px that was 0.5-0.7 GB more peak memory per run, kept after the save
+  At 256 px that was 0.4-0.7 GB more peak memory per run, kept after the save
   (BENCHMARKS.md); the first step also leaves compilation's freed heap behind.
   """
   from orbax.checkpoint._src.serialization import serialization  # pylint: disable=g-import-not-at-top
