@@ -260,7 +260,7 @@ def matmul_gflops(dtype=jnp.float32, n: int = 4096, calls: int = 3) -> float:
   return 2 * n ** 3 / min(times) / 1e9
 
 
-def step_gflop(config: ml_collections.ConfigDict, abstract_state, batch_shape) -> float:
+def step_gflop(config: ml_collections.ConfigDict, abstract_state, images: jax.ShapeDtypeStruct) -> float:
   """One device's GFLOP per train step as the model defines them, whatever formulations run.
 
   XLA's count of the step written with its own convolutions, which counts each
@@ -268,15 +268,15 @@ def step_gflop(config: ml_collections.ConfigDict, abstract_state, batch_shape) -
   own count depends on the formulations: XLA counts a loop's body once
   (``conv_taps``: 57.6 against 84.4 GFLOP at 256 px) and the zeros an im2col
   product multiplies. Lowering it is enough: no compilation. It is one step
-  lowered on one device with one device's batch: XLA's count of a scan of
-  steps (``--steps_per_call``) or of a sharded program is not that.
+  lowered on one device with one device's batch of ``images`` (N, H, W, C):
+  XLA's count of a scan of steps (``--steps_per_call``) or of a sharded
+  program is not that.
   """
   reference = config.copy_and_resolve_references()
   reference.model.conv_impl, reference.model.upconv_impl = "xla", "conv_transpose"
   pix2pix = recipe.Pix2Pix.from_config(reference, steps_per_epoch=1000)
   step = parallel.make_train_step(pix2pix, parallel.make_mesh(jax.devices()[:1]))
   state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state)
-  images = jax.ShapeDtypeStruct((FLAGS.batch, *batch_shape.shape[-3:]), batch_shape.dtype)
   return step.lower(state, {"A": images, "B": images}).cost_analysis()["flops"] / 1e9
 
 
@@ -359,7 +359,8 @@ def benchmark_train() -> None:
     # After the timed steps, and with the step's peak already read: the
     # matmul's operands must not count towards it.
     floor["peak_rss_mib"] = round(_peak_rss_mib(), 1)
-    gflop = step_gflop(config, abstract_state, batch_shape)
+    one_device = jax.ShapeDtypeStruct((FLAGS.batch, FLAGS.size, FLAGS.size, 3), jnp.float32)
+    gflop = step_gflop(config, abstract_state, one_device)
     gflops = matmul_gflops(jnp.dtype(FLAGS.dtype))
     floor.update(gflop_per_step=round(gflop, 3), matmul_gflops=round(gflops, 1),
                  floor_ms=round(1000 * gflop / gflops, 3), ratio_to_floor=round(per_step * gflops / gflop, 2))
