@@ -31,6 +31,77 @@ def scale_init(key, shape, dtype=jnp.float32):
   return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
 
 
+def _batch_statistics(xf, axis_name: Optional[str]):
+  """Mean and biased variance of ``xf`` over all axes but the last, and over ``axis_name``'s devices.
+
+  Two passes: E[x^2] - E[x]^2 cancels catastrophically in float32 when a
+  channel's mean is large against its spread, leaving an error that depends on
+  the summation order (so on the device count) in the gradients.
+  """
+  axes = tuple(range(xf.ndim - 1))
+  mean = jnp.mean(xf, axes)
+  if axis_name is not None:
+    mean = lax.pmean(mean, axis_name)
+  var = jnp.mean(jnp.square(xf - mean), axes)
+  if axis_name is not None:
+    var = lax.pmean(var, axis_name)
+  return mean, var
+
+
+def _normalized(x, mean, var, scale, bias, epsilon: float):
+  return ((x.astype(jnp.float32) - mean) * lax.rsqrt(var + epsilon) * scale + bias).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_normalized(x, scale, bias, epsilon: float, axis_name: Optional[str]):
+  """``(y, mean, var)``: ``x`` normalised with its batch statistics, and those statistics.
+
+  Its gradient is autodiff's, but keeps only ``x`` (as PyTorch's batch norm
+  does): autodiff of the formula keeps two float32 tensors of ``x``'s size,
+  the centred and the normalised input.
+  """
+  mean, var = _batch_statistics(x.astype(jnp.float32), axis_name)
+  return _normalized(x, mean, var, scale, bias, epsilon), mean, var
+
+
+def _batch_normalized_fwd(x, scale, bias, epsilon, axis_name):
+  y, mean, var = _batch_normalized(x, scale, bias, epsilon, axis_name)
+  return (y, mean, var), (x, mean, var, scale)
+
+
+def _batch_normalized_bwd(epsilon, axis_name, residuals, cotangents):
+  x, mean, var, scale = residuals
+  dy, dmean, dvar = (c.astype(jnp.float32) for c in cotangents)
+  axes = tuple(range(x.ndim - 1))
+  rstd = lax.rsqrt(var + epsilon)
+  # mean - x, where the forward pass has x - mean: the same expression would
+  # have XLA's common subexpression elimination keep the forward pass's
+  # float32 tensor instead of x (and a product like x * rstd - mean * rstd
+  # cancels in float32 where a channel's mean is large against its spread).
+  centred_negated = mean - x.astype(jnp.float32)
+  dxhat = dy * scale
+  dvar = dvar + 0.5 * rstd ** 3 * jnp.sum(dxhat * centred_negated, axes)
+  dmean = dmean - rstd * jnp.sum(dxhat, axes)
+
+  def statistics_tangent(dx):
+    """The tangent of ``_batch_statistics`` at x, whose transpose takes the statistics' cotangents to x."""
+    dmean_out = jnp.mean(dx, axes)
+    if axis_name is not None:
+      dmean_out = lax.pmean(dmean_out, axis_name)
+    dvar_out = -2 * jnp.mean(centred_negated * (dx - dmean_out), axes)
+    if axis_name is not None:
+      dvar_out = lax.pmean(dvar_out, axis_name)
+    return dmean_out, dvar_out
+
+  dx_statistics, = jax.linear_transpose(statistics_tangent, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
+      (dmean, dvar))
+  dx = dxhat * rstd + dx_statistics
+  return dx.astype(x.dtype), -rstd * jnp.sum(dy * centred_negated, axes), jnp.sum(dy, axes)
+
+
+_batch_normalized.defvjp(_batch_normalized_fwd, _batch_normalized_bwd)
+
+
 class BatchNorm(nn.Module):
   """Batch norm over N, H, W with PyTorch's semantics.
 
@@ -53,27 +124,16 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
 
     if use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      xf = x.astype(jnp.float32)
-      axes = tuple(range(x.ndim - 1))
-      # Two passes: E[x^2] - E[x]^2 cancels catastrophically in float32 when a
-      # channel's mean is large against its spread, leaving an error that depends
-      # on the summation order (so on the device count) in the gradients.
-      mean = jnp.mean(xf, axes)
-      if self.axis_name is not None:
-        mean = lax.pmean(mean, self.axis_name)
-      var = jnp.mean(jnp.square(xf - mean), axes)
+      return _normalized(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
+    y, mean, var = _batch_normalized(x, scale, bias, self.epsilon, self.axis_name)
+    if self.is_mutable_collection("batch_stats") and not self.is_initializing():
       count = x.size // features
       if self.axis_name is not None:
-        var = lax.pmean(var, self.axis_name)
         count = count * lax.psum(1, self.axis_name)
-      if self.is_mutable_collection("batch_stats") and not self.is_initializing():
-        unbiased = var * (count / jnp.maximum(count - 1, 1))
-        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
-    y = (x.astype(jnp.float32) - mean) * lax.rsqrt(var + self.epsilon) * scale + bias
-    return y.astype(x.dtype)
+      unbiased = var * (count / jnp.maximum(count - 1, 1))
+      ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+      ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+    return y
 
 
 class Norm(nn.Module):
