@@ -181,3 +181,24 @@ def test_the_patchgan_sows_each_hidden_activation():
   _, state = disc.apply(variables, x, x, train=False, mutable=["intermediates"])
   shapes = {name: value[0].shape for name, value in state["intermediates"].items()}
   assert shapes == {"features_0": (1, 16, 16, 4), "features_1": (1, 8, 8, 8), "features_2": (1, 7, 7, 16)}
+
+
+def test_the_unets_relu_of_a_concatenation_keeps_no_copy_of_the_concatenation():
+  """Each half's ReLU, concatenated: the values of the ReLU of the concatenation, and the compiled
+  backward pass keeps one tensor of the concatenation's size where ReLU after it keeps two."""
+  skip, h = (jax.random.normal(jax.random.key(i), (4, 32, 32, 16)) for i in range(2))
+  kernel = jax.random.normal(jax.random.key(2), (32, 8))
+
+  def loss(relu_of_concatenation, skip, h, kernel):
+    # A product (which keeps its input for the kernel's gradient) after it, as a decoder block's.
+    return jnp.sum(jnp.square(relu_of_concatenation(skip, h) @ kernel))
+
+  plain = lambda skip, h: nn.relu(jnp.concatenate([skip, h], axis=-1))
+  np.testing.assert_array_equal(models.relu_of_concatenation(skip, h), plain(skip, h))
+
+  def temporary_bytes(relu_of_concatenation):
+    grads = jax.jit(jax.grad(lambda *args: loss(relu_of_concatenation, *args), argnums=(0, 1, 2)))
+    return grads.lower(skip, h, kernel).compile().memory_analysis().temp_size_in_bytes
+
+  concatenation_bytes = 2 * skip.nbytes
+  assert temporary_bytes(plain) - temporary_bytes(models.relu_of_concatenation) >= concatenation_bytes
