@@ -74,13 +74,11 @@ def _batch_normalized_bwd(epsilon, axis_name, residuals, cotangents):
   dy, dmean, dvar = (c.astype(jnp.float32) for c in cotangents)
   axes = tuple(range(x.ndim - 1))
   rstd = lax.rsqrt(var + epsilon)
-  # mean - x, where the forward pass has x - mean: the same expression would
-  # have XLA's common subexpression elimination keep the forward pass's
-  # float32 tensor instead of x (and a product like x * rstd - mean * rstd
-  # cancels in float32 where a channel's mean is large against its spread).
-  centred_negated = mean - x.astype(jnp.float32)
+  # Centred before scaling: x * rstd - mean * rstd would cancel in float32
+  # where a channel's mean is large against its spread.
+  centred = x.astype(jnp.float32) - mean
   dxhat = dy * scale
-  dvar = dvar + 0.5 * rstd ** 3 * jnp.sum(dxhat * centred_negated, axes)
+  dvar = dvar - 0.5 * rstd ** 3 * jnp.sum(dxhat * centred, axes)
   dmean = dmean - rstd * jnp.sum(dxhat, axes)
 
   def statistics_tangent(dx):
@@ -88,7 +86,7 @@ def _batch_normalized_bwd(epsilon, axis_name, residuals, cotangents):
     dmean_out = jnp.mean(dx, axes)
     if axis_name is not None:
       dmean_out = lax.pmean(dmean_out, axis_name)
-    dvar_out = -2 * jnp.mean(centred_negated * (dx - dmean_out), axes)
+    dvar_out = 2 * jnp.mean(centred * (dx - dmean_out), axes)
     if axis_name is not None:
       dvar_out = lax.pmean(dvar_out, axis_name)
     return dmean_out, dvar_out
@@ -96,7 +94,7 @@ def _batch_normalized_bwd(epsilon, axis_name, residuals, cotangents):
   dx_statistics, = jax.linear_transpose(statistics_tangent, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
       (dmean, dvar))
   dx = dxhat * rstd + dx_statistics
-  return dx.astype(x.dtype), -rstd * jnp.sum(dy * centred_negated, axes), jnp.sum(dy, axes)
+  return dx.astype(x.dtype), rstd * jnp.sum(dy * centred, axes), jnp.sum(dy, axes)
 
 
 _batch_normalized.defvjp(_batch_normalized_fwd, _batch_normalized_bwd)
