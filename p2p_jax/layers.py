@@ -74,12 +74,16 @@ def _batch_normalized_bwd(epsilon, axis_name, residuals, cotangents):
   dy, dmean, dvar = (c.astype(jnp.float32) for c in cotangents)
   axes = tuple(range(x.ndim - 1))
   rstd = lax.rsqrt(var + epsilon)
+  dbias = jnp.sum(dy, axes)
   # Centred before scaling: x * rstd - mean * rstd would cancel in float32
-  # where a channel's mean is large against its spread.
-  centred = x.astype(jnp.float32) - mean
-  dxhat = dy * scale
-  dvar = dvar - 0.5 * rstd ** 3 * jnp.sum(dxhat * centred, axes)
-  dmean = dmean - rstd * jnp.sum(dxhat, axes)
+  # where a channel's mean is large against its spread. From a mean that
+  # depends on dy (by 0 * dbias: XLA does not fold it, for NaNs' sake), or XLA
+  # computes it in the forward pass, with the forward's own centred x, and
+  # keeps it for the backward pass: a second float32 tensor of x's size.
+  centred = x.astype(jnp.float32) - (mean + 0 * dbias)
+  dy_centred = jnp.sum(dy * centred, axes)
+  dvar = dvar - 0.5 * rstd ** 3 * scale * dy_centred
+  dmean = dmean - rstd * scale * dbias
 
   def statistics_tangent(dx):
     """The tangent of ``_batch_statistics`` at x, whose transpose takes the statistics' cotangents to x.
@@ -97,8 +101,8 @@ def _batch_normalized_bwd(epsilon, axis_name, residuals, cotangents):
 
   dx_statistics, = jax.linear_transpose(statistics_tangent, jax.ShapeDtypeStruct(x.shape, jnp.float32))(
       (dmean, dvar))
-  dx = dxhat * rstd + dx_statistics
-  return dx.astype(x.dtype), rstd * jnp.sum(dy * centred, axes), jnp.sum(dy, axes)
+  dx = dy * scale * rstd + dx_statistics
+  return dx.astype(x.dtype), rstd * dy_centred, dbias
 
 
 _batch_normalized.defvjp(_batch_normalized_fwd, _batch_normalized_bwd)
