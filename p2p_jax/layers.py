@@ -77,9 +77,10 @@ def _batch_normalized_bwd(epsilon, axis_name, residuals, cotangents):
   dbias = jnp.sum(dy, axes)
   # Centred before scaling: x * rstd - mean * rstd would cancel in float32
   # where a channel's mean is large against its spread. From a mean that
-  # depends on dy (by 0 * dbias: XLA does not fold it, for NaNs' sake), or XLA
-  # computes it in the forward pass, with the forward's own centred x, and
-  # keeps it for the backward pass: a second float32 tensor of x's size.
+  # depends on dy (by 0 * dbias, which XLA does not fold: dbias could be a
+  # NaN); else XLA computes it in the forward pass, where its operands are
+  # ready, and holds it for the backward pass: a second float32 tensor of
+  # x's size.
   centred = x.astype(jnp.float32) - (mean + 0 * dbias)
   dy_centred = jnp.sum(dy * centred, axes)
   dvar = dvar - 0.5 * rstd ** 3 * scale * dy_centred

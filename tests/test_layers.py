@@ -385,8 +385,8 @@ def test_batch_norm_keeps_only_its_input_for_the_backward_pass():
 
 def test_batch_norm_layers_hold_two_tensors_each_for_the_backward_pass():
   """Each dense-and-batch-norm layer of a chain must hold its input and batch norm's, no more,
-  in the compiled gradient. XLA computed the backward pass's centred input in the forward pass
-  (with the forward's own) and held it: three tensors a layer."""
+  in the compiled gradient. XLA computed the backward pass's centred input in the forward pass,
+  where its operands are ready, and held it: three tensors a layer."""
   n_layers = 6
   x = jax.random.normal(jax.random.key(0), (8, 64, 64, 32))
 
