@@ -126,7 +126,8 @@ def test_strided_matmul_conv_holds_only_its_input_until_its_backward_pass(dtype)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_stride_2_patches_are_written_once(dtype):
   """A concatenation of the 16 strided windows had every window written before the patches: twice
-  the patch matrix at a time (at 256 px batch 16 bf16, 128 MiB more at the step's peak)."""
+  the patch matrix at a time (at 256 px batch 16 bf16, the PatchGAN's conv_1 windows, 128 MiB, were
+  at the step's memory peak)."""
   x = jax.ShapeDtypeStruct((2, 32, 32, 16), dtype)
   kernel = jax.ShapeDtypeStruct((4, 4, 16, 32), dtype)
   compiled = jax.jit(functools.partial(layers.conv_matmul, stride=2, padding=1)).lower(x, kernel).compile()
