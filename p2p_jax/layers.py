@@ -358,7 +358,7 @@ def _phase_patches(padded, kernel_shape, stride: int, output_shape):
   XLA:CPU writes in one pass. A concatenation of the ``kh * kw`` strided
   windows writes every window first (twice the patches at a time), then the
   patches: for 4x4/stride-2 layers, forward and both gradients, up to 1.3x
-  the time (BENCHMARKS.md); at stride 1 it is the faster of the two.
+  the time (BENCHMARKS.md). At stride 1 the concatenation is the faster.
   """
   (kh, kw), (out_h, out_w) = kernel_shape, output_shape
   n, _, _, c = padded.shape
