@@ -470,6 +470,115 @@ def _conv_taps_bwd(padding, residuals, dy):
 conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 
+def _tile_values(blocks, axis: int):
+  """Winograd F(2, 2)'s input transform along ``axis`` of ``(..., tiles + 1, 2, ...)`` row pairs:
+  each tile's three values ``(d0 - d1, d1, d2 - d1)`` from its rows ``2t, 2t + 1, 2t + 2``."""
+  tiles = blocks.shape[axis] - 1
+  this, following = (lax.slice_in_dim(blocks, start, start + tiles, axis=axis) for start in (0, 1))
+  d0, d1 = (lax.index_in_dim(this, row, axis + 1, keepdims=False) for row in (0, 1))
+  d2 = lax.index_in_dim(following, 0, axis + 1, keepdims=False)
+  return jnp.stack([d0 - d1, d1, d2 - d1], axis + 1)
+
+
+def _kernel_values(kernel, axis: int):
+  """F(2, 2)'s kernel transform along ``axis`` (two taps): ``(g0, g0 + g1, g1)``."""
+  g0, g1 = (lax.index_in_dim(kernel, tap, axis, keepdims=False) for tap in (0, 1))
+  return jnp.stack([g0, g0 + g1, g1], axis)
+
+
+def _output_values(products, axis: int):
+  """F(2, 2)'s output transform along ``axis`` (three values): the tile's outputs ``(m0 + m1, m1 + m2)``."""
+  m0, m1, m2 = (lax.index_in_dim(products, i, axis, keepdims=False) for i in range(3))
+  return jnp.stack([m0 + m1, m1 + m2], axis)
+
+
+def winograd_2x2(z, kernel):
+  """The unpadded stride-1 convolution of ``z`` by a 2x2 ``kernel`` in Winograd's F(2x2, 2x2).
+
+  Each 2x2 output tile's 3x3 input window is turned into 9 values by sums and
+  differences, the 9 are multiplied by the kernel's 9 transformed taps as 9
+  ``(tiles, in) @ (in, out)`` products, and sums turn those back into the
+  tile's 4 outputs: 9 products of a tile's channels where the direct
+  convolution makes 16. The transforms only add and subtract, so the result
+  differs from the direct one by rounding alone.
+  """
+  n, height, width, cin = z.shape
+  cout = kernel.shape[-1]
+  rows, columns = height - 1, width - 1
+  tile_rows, tile_columns = -(-rows // 2), -(-columns // 2)
+  blocks = _zero_pad(z, ((0, 0), (0, 2 * tile_rows + 2 - height), (0, 2 * tile_columns + 2 - width), (0, 0)))
+  blocks = blocks.reshape(n, tile_rows + 1, 2, tile_columns + 1, 2, cin)
+  values = _tile_values(_tile_values(blocks, 1), 3)  # (n, tile_rows, 3, tile_columns, 3, in)
+  values = values.transpose(2, 4, 0, 1, 3, 5).reshape(9, -1, cin)
+  taps = _kernel_values(_kernel_values(kernel, 0), 1).reshape(9, cin, cout)
+  products = jnp.einsum("pti,pio->pto", values, taps, preferred_element_type=jnp.promote_types(z.dtype, jnp.float32))
+  y = _output_values(_output_values(products.reshape(3, 3, n, tile_rows, tile_columns, cout), 0), 1)
+  y = y.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * tile_rows, 2 * tile_columns, cout)
+  return lax.slice(y, (0, 0, 0, 0), (n, rows, columns, cout)).astype(z.dtype)
+
+
+def _winograd_applies(x_shape, kernel_shape, stride: int, padding: int) -> bool:
+  """Whether ``conv_winograd`` computes this convolution: 4x4 kernels, stride 1, or stride 2 on even padded sides."""
+  _, height, width, _ = x_shape
+  kh, kw = kernel_shape[:2]
+  return (kh, kw) == (4, 4) and (stride == 1 or (stride == 2 and (height + 2 * padding) % 2 == 0
+                                                  and (width + 2 * padding) % 2 == 0))
+
+
+def _conv_winograd(x, kernel, stride: int, padding: int):
+  cin, cout = kernel.shape[2:]
+  x = _zero_pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  n, height, width, _ = x.shape
+  # Kernel row a = 2q + p: (q_row, p_row, q_column, p_column, in, out).
+  taps = kernel.reshape(2, 2, 2, 2, cin, cout)
+  if stride == 2:  # Tap q of input phase p: a 2x2 convolution of the phases stacked as channels.
+    phases = x.reshape(n, height // 2, 2, width // 2, 2, cin).transpose(0, 1, 3, 2, 4, 5)
+    return winograd_2x2(phases.reshape(n, height // 2, width // 2, 4 * cin),
+                        taps.transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * cin, cout))
+  # Stride 1: tap p of the input shifted by 2q: a 2x2 convolution of the four shifts stacked as channels.
+  rows, columns = height - 2, width - 2
+  shifts = [lax.slice(x, (0, 2 * q_row, 2 * q_column, 0), (n, 2 * q_row + rows, 2 * q_column + columns, cin))
+            for q_row in (0, 1) for q_column in (0, 1)]
+  return winograd_2x2(lax.concatenate(shifts, 3), taps.transpose(1, 3, 0, 2, 4, 5).reshape(2, 2, 4 * cin, cout))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recomputing(forward, x, kernel):
+  """``forward(x, kernel)``, keeping only ``x`` and ``kernel`` for the backward pass."""
+  return forward(x, kernel)
+
+
+def _recomputing_fwd(forward, x, kernel):
+  return forward(x, kernel), (x, kernel)
+
+
+def _recomputing_bwd(forward, residuals, dy):
+  """``forward``'s gradients, its intermediates computed again once ``dy`` is known: from ``x`` and
+  ``kernel`` themselves (``jax.checkpoint``'s way) XLA found them equal to the forward pass's and
+  kept those (at 256 px batch 4 the transformed inputs and kernels were live at the step's peak)."""
+  corner = dy[(0,) * dy.ndim]
+  return jax.vjp(forward, *(_after(r, corner.astype(r.dtype)) for r in residuals))[1](dy)
+
+
+_recomputing.defvjp(_recomputing_fwd, _recomputing_bwd)
+
+
+def conv_winograd(x, kernel, stride: int, padding: int):
+  """A 4x4 convolution (stride 1, or 2 on even padded sides) in Winograd's F(2x2, 2x2): 9/16 of the products' work.
+
+  A 4x4 kernel is four 2x2 ones, each tap ``p`` of quarter ``q`` reading the
+  input at ``stride * i + 2q + p``. Stride 2: the padded input's 2x2 phases
+  side by side as channels make it a 2x2 convolution. Stride 1: so do the
+  input's four shifts by ``2q``. Forward and both gradients run 9 products
+  per 2x2 output tile (autodiff of the transforms); the transformed input,
+  2.25 times the stacked input, is computed again for the backward pass
+  rather than kept (``_recomputing``), so the layer keeps what XLA's own
+  convolution keeps. Float32: in bf16 on XLA:CPU the 9 products ran slower
+  than the matmul formulations (BENCHMARKS.md).
+  """
+  return _recomputing(functools.partial(_conv_winograd, stride=stride, padding=padding), x, kernel)
+
+
 CONV_IMPLS = ("auto", "xla", "matmul")
 # What "auto" picks on each backend when nothing was measured (tuning.py), from
 # the measurements in BENCHMARKS.md; a backend not listed keeps XLA's own convolution.
@@ -494,14 +603,15 @@ def resolve_conv_impl(impl: str, side: int, output_side: bool = False) -> str:
 
 def conv_site(x, kernel_shape, stride: int, padding: int, dtype) -> tuning.Site:
   """The formulations of a convolution of ``x`` for "auto": XLA's, matmul, and where they apply
-  ``strided_conv`` and ``strided_conv_matmul``, or ``conv_taps``.
+  ``strided_conv`` and ``strided_conv_matmul``, or ``conv_taps``, and ``conv_winograd``.
 
   ``conv_taps`` competes where matmul would build a patch matrix for a
   stride-1 convolution (not where it multiplies on the output side, as for the
   PatchGAN's 1-channel last layer, where one output column per tap product
   cannot win), and is the default there when the static table says matmul:
   without the patches, for about 4% of the step at 256 px batch 16 on Zen 4
-  (BENCHMARKS.md).
+  (BENCHMARKS.md). ``conv_winograd`` competes for 4x4 kernels in float32
+  where matmul would not multiply on the output side.
   """
   formulations = {"xla": functools.partial(conv_xla, stride=stride, padding=padding),
                   "matmul": functools.partial(conv_matmul, stride=stride, padding=padding)}
@@ -512,6 +622,8 @@ def conv_site(x, kernel_shape, stride: int, padding: int, dtype) -> tuning.Site:
   output_side = _on_output_side(padded, kernel_shape, stride)
   if stride == 1 and not output_side:
     formulations["taps"] = functools.partial(conv_taps, padding=padding)
+  if _winograd_applies(x.shape, kernel_shape, stride, padding) and not output_side and not _bf16_on_cpu(dtype):
+    formulations["winograd"] = functools.partial(conv_winograd, stride=stride, padding=padding)
   default = resolve_conv_impl("auto", x.shape[1], output_side)
   if default == "matmul" and "taps" in formulations:
     default = "taps"
@@ -625,6 +737,35 @@ def conv_transpose_matmul(x, kernel):
   return overlap_add(patches.reshape(n, h, w, 4, 4, cout))
 
 
+def _conv_transpose_winograd(x, kernel):
+  n, height, width, cin = x.shape
+  cout = kernel.shape[-1]
+  # Output row 2m + r sums input rows m - 1 and m times kernel rows 3 and 1 (r = 0), rows m and
+  # m + 1 times kernel rows 2 and 0 (r = 1): the flipped kernel's row 2a + r times padded row m + r + a.
+  taps = jnp.flip(kernel, (1, 2)).reshape(cin, 2, 2, 2, 2, cout)  # (in, a_row, r_row, a_column, r_column, out)
+  taps = taps.transpose(1, 3, 0, 2, 4, 5).reshape(2, 2, cin, 4 * cout)
+  padded = _zero_pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  shifted = winograd_2x2(padded, taps).reshape(n, height + 1, width + 1, 2, 2, cout)
+  phase = lambda r_row, r_column: lax.slice(
+      shifted, (0, r_row, r_column, r_row, r_column, 0),
+      (n, r_row + height, r_column + width, r_row + 1, r_column + 1, cout)).reshape(n, height, width, cout)
+  phases = [[phase(r_row, r_column) for r_column in (0, 1)] for r_row in (0, 1)]
+  y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # (n, height, r_row, width, r_column, out)
+  return y.reshape(n, 2 * height, 2 * width, cout)
+
+
+def conv_transpose_winograd(x, kernel):
+  """The 4x4/stride-2/padding-1 transposed convolution in Winograd's F(2x2, 2x2).
+
+  Each of the output's four phases is a 2x2 convolution of the input padded by
+  one, with its quarter of the (flipped) kernel, so one 2x2 convolution with
+  four times the outputs gives all four: 9 products per 2x2 input tile where
+  ``conv_transpose_matmul`` makes 16. As ``conv_winograd``, the transformed
+  input is computed again for the backward pass, not kept.
+  """
+  return _recomputing(_conv_transpose_winograd, x, kernel)
+
+
 def _conv_4x4_s2_xla(x, kernel):
   return conv_xla(x, kernel, 2, 1)
 
@@ -735,6 +876,8 @@ class ConvTranspose(nn.Module):
       return None
     formulations = {"matmul": conv_transpose_matmul,
                     "conv_transpose": functools.partial(conv_transpose, stride=2, padding=1)}
+    if not _bf16_on_cpu(self.dtype or x.dtype):
+      formulations["winograd"] = conv_transpose_winograd
     return tuning.site("upconv", x, (x.shape[-1], 4, 4, self.features), 2, 1, self.dtype or x.dtype,
                        formulations, resolve_upconv_impl("auto", *shape, x.shape[1]))
 

@@ -144,6 +144,111 @@ def test_tap_conv_equals_xlas_with_both_gradients(size, cin, cout, k, padding):
                functools.partial(layers.conv_xla, stride=1, padding=padding), x, kernel)
 
 
+# (height, width, in, out, stride, padding): the U-Net's and PatchGAN's 4x4 layers, odd and uneven sides.
+@pytest.mark.parametrize("height,width,cin,cout,stride,padding", [
+    (8, 8, 3, 4, 2, 1), (16, 10, 5, 7, 2, 1), (6, 6, 3, 2, 2, 1), (10, 12, 3, 4, 2, 0), (2, 2, 8, 3, 2, 1),
+    (9, 9, 5, 3, 1, 1), (8, 11, 4, 6, 1, 1), (7, 7, 2, 3, 1, 0), (5, 6, 3, 3, 1, 2)])
+def test_winograd_conv_equals_xlas_with_both_gradients(height, width, cin, cout, stride, padding):
+  x = jax.random.normal(jax.random.key(0), (2, height, width, cin))
+  kernel = 0.1 * jax.random.normal(jax.random.key(1), (4, 4, cin, cout))
+  assert layers._winograd_applies(x.shape, kernel.shape, stride, padding)
+  _assert_same(functools.partial(layers.conv_winograd, stride=stride, padding=padding),
+               functools.partial(layers.conv_xla, stride=stride, padding=padding), x, kernel)
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (2, 3), (5, 5), (8, 6)])
+def test_winograd_transposed_conv_equals_the_dilated_one(height, width):
+  x = jax.random.normal(jax.random.key(0), (2, height, width, 3))
+  kernel = 0.1 * jax.random.normal(jax.random.key(1), (3, 4, 4, 5))
+  _assert_same(layers.conv_transpose_winograd, lambda x, k: layers.conv_transpose(x, k, 2, 1), x, kernel)
+
+
+def _equations(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs inside it (``jax.checkpoint``'s, say)."""
+  for equation in jaxpr.eqns:
+    yield equation
+    for param in equation.params.values():
+      for inner in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns"):
+          yield from _equations(inner)
+
+
+def _product_flops(f, *args):
+  """FLOPs of the dot products in ``f``'s jaxpr (which must hold no convolution)."""
+  equations = list(_equations(jax.make_jaxpr(f)(*args).jaxpr))
+  assert not [e for e in equations if e.primitive.name == "conv_general_dilated"]
+  dots = [e for e in equations if e.primitive.name == "dot_general"]
+  return sum(2 * np.prod(e.outvars[0].aval.shape) * np.prod(
+      [e.invars[0].aval.shape[d] for d in e.params["dimension_numbers"][0][0]]) for e in dots)
+
+
+@pytest.mark.parametrize("stride,side", [(2, 16), (1, 11)])
+def test_winograd_makes_9_products_where_the_direct_convolution_makes_16(stride, side):
+  """Where 2x2 tiles divide the output (8x8 and 10x10 here) the products' work is 9/16 of the direct one's."""
+  x, kernel = jnp.ones((1, side, side, 8)), jnp.ones((4, 4, 8, 4))
+  outputs = (side + 2 - 4) // stride + 1
+  direct = 2 * outputs ** 2 * 16 * 8 * 4
+  flops = _product_flops(functools.partial(layers.conv_winograd, stride=stride, padding=1), x, kernel)
+  assert 16 * flops == 9 * direct
+  up = _product_flops(layers.conv_transpose_winograd, jnp.ones((1, 4, 4, 8)), jnp.ones((8, 4, 4, 4)))
+  assert up == 2 * 9 * (6 // 2) ** 2 * 8 * 16  # The input padded to 6x6: 5x5 outputs per phase, 3x3 tiles.
+
+
+def test_winograd_keeps_only_its_input_and_kernel_until_the_backward_pass():
+  """The transformed input is 2.25 times the input; kept, it would live from the forward to the backward pass."""
+  x = jax.ShapeDtypeStruct((2, 16, 16, 8), jnp.float32)
+  input_and_kernel = (x.size + 4 * 4 * 8 * 16) * 4
+  for stride in (1, 2):
+    site = layers.conv_site(x, (4, 4, 8, 16), stride, 1, jnp.float32)
+    assert tuning.kept_bytes(site.formulations["winograd"], site) == input_and_kernel
+  up = layers.ConvTranspose(16).tuning_site(jnp.zeros(x.shape))
+  assert tuning.kept_bytes(up.formulations["winograd"], up) == input_and_kernel
+
+
+@pytest.mark.parametrize("stride", [1, 2, "transposed"])
+def test_winograd_holds_no_more_than_xlas_convolution_until_its_backward_pass(stride):
+  """Its transformed input (2.25 times its stacked input) is computed again in the backward pass: from the
+  input itself (``jax.checkpoint``) XLA found it equal to the forward pass's and kept that through the
+  six dense layers after it (1.3, 8.4 and 2.8 MB more than XLA's convolution here; at 256 px batch 4
+  the step's temporary buffers were 741 MiB against 421)."""
+  if stride == "transposed":
+    x, kernel = jax.random.normal(jax.random.key(0), (8, 16, 16, 128)), jnp.full((128, 4, 4, 32), 0.01)
+    winograd, xla = layers.conv_transpose_winograd, functools.partial(layers.conv_transpose, stride=2, padding=1)
+  else:
+    x, kernel = jax.random.normal(jax.random.key(0), (8, 32, 32, 32)), jnp.full((4, 4, 32, 32), 0.01)
+    winograd = functools.partial(layers.conv_winograd, stride=stride, padding=1)
+    xla = functools.partial(layers.conv_xla, stride=stride, padding=1)
+  weights = [jax.random.normal(jax.random.key(2), (32, 256)) / 6]
+  weights += [jax.random.normal(jax.random.key(3 + i), (256, 256)) / 16 for i in range(6)]
+
+  def temporary_bytes(conv):
+    def loss(params, x):
+      kernel, weights = params
+      h = conv(x, kernel)
+      for w in weights:
+        h = jnp.tanh(h @ w)
+      return jnp.sum(jnp.square(h))
+    return jax.jit(jax.grad(loss)).lower((kernel, weights), x).compile().memory_analysis().temp_size_in_bytes
+
+  assert temporary_bytes(winograd) <= temporary_bytes(xla)
+
+
+def test_winograd_competes_in_float32_where_it_applies():
+  """Not in bf16 on CPU (its 9 batched products ran slower than the matmuls there), not for 3x3 kernels or
+  on odd padded sides at stride 2, nor where matmul multiplies on the output side (one output channel)."""
+  site = lambda shape, kernel, stride, dtype=jnp.float32: layers.conv_site(
+      jax.ShapeDtypeStruct(shape, dtype), kernel, stride, 1, dtype).formulations
+  assert "winograd" in site((1, 32, 32, 8), (4, 4, 8, 16), 2)
+  assert "winograd" in site((1, 9, 9, 8), (4, 4, 8, 16), 1)
+  assert "winograd" not in site((1, 32, 32, 8), (4, 4, 8, 16), 2, jnp.bfloat16)
+  assert "winograd" not in site((1, 32, 32, 8), (3, 3, 8, 16), 2)
+  assert "winograd" not in site((1, 31, 32, 8), (4, 4, 8, 16), 2)
+  assert "winograd" not in site((1, 9, 9, 16), (4, 4, 16, 1), 1)
+  upconv = lambda dtype: layers.ConvTranspose(16, dtype=dtype).tuning_site(jnp.zeros((1, 8, 8, 8))).formulations
+  assert "winograd" in upconv(jnp.float32) and "winograd" not in upconv(jnp.bfloat16)
+
+
 def test_stride_1_convs_keep_their_input_not_a_patch_matrix_by_default():
   """The PatchGAN's stride-1 layer at <= 32 px: the static choice keeps what XLA's own convolution
   keeps (its input and kernel), not im2col patches 16 times its input, in autodiff and compiled."""

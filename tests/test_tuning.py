@@ -25,10 +25,11 @@ def own_cache(tmp_path, monkeypatch):
   tuning.reset()
 
 
-# Timings per tuning of the tiny step: 6 convolutions with 4 formulations; the PatchGAN's stride-1 4x4
-# layer with 2 (XLA's and the default, per-tap products: im2col keeps more) and its 1-channel last layer
-# with 2 (XLA's and the default, output-side matmul: no per-tap products there); 5 transposed with 2.
-_CALLS = 6 * 4 + 2 + 2 + 5 * 2
+# Timings per tuning of the tiny step: 6 convolutions with 5 formulations; the PatchGAN's stride-1 4x4
+# layer with 3 (XLA's, Winograd's and the default, per-tap products: im2col keeps more) and its 1-channel
+# last layer with 2 (XLA's and the default, output-side matmul: no per-tap products or Winograd there);
+# 5 transposed with 3.
+_CALLS = 6 * 5 + 3 + 2 + 5 * 3
 
 
 def _batch(size=32, batch=1):
@@ -59,7 +60,8 @@ def test_sites_are_the_steps_auto_convolutions_with_their_shapes():
   assert sum(key.startswith("upconv ") for key in sites) == 5
   assert sum(key.startswith("conv ") for key in sites) == 5 + 3
   down_0 = sites["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
-  assert set(down_0.formulations) == {"xla", "matmul", "strided", "strided_matmul"} and down_0.default == "matmul"
+  assert set(down_0.formulations) == {"xla", "matmul", "strided", "strided_matmul", "winograd"}
+  assert down_0.default == "matmul"
   assert down_0.flops == 2 * 1 * 16 * 16 * (4 * 4 * 3 * 8)
   assert tuning.step_sites(tiny_pix2pix(conv_impl="xla", upconv_impl="matmul"), _batch()) == {}
 
@@ -90,8 +92,8 @@ def test_tune_records_the_fastest_and_the_layers_run_it(tmp_path):
   assert record["jax"] == jax.__version__ and len(record["sites"]) == 13
   down_0 = record["sites"]["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
   assert down_0["choice"] == "xla" and down_0["ms"] == {"matmul": 10.0, "strided": 10.0, "strided_matmul": 10.0,
-                                                        "xla": 1.0}
-  assert set(down_0["kept_mib"]) == {"matmul", "strided", "strided_matmul", "xla"}
+                                                        "winograd": 10.0, "xla": 1.0}
+  assert set(down_0["kept_mib"]) == {"matmul", "strided", "strided_matmul", "winograd", "xla"}
   tuning.reset()  # A new process reads the choices from the record.
   assert "lhs_dilate = [2, 2]" in generator_text()
 
@@ -107,8 +109,8 @@ def test_shapes_measured_before_are_not_measured_again():
   assert calls == []
   tuning.tune(tiny_pix2pix(), _batch(batch=4), min_flops=0, timer=timer)
   # Another batch is another shape: each formulation on one example, then those not far slower than the
-  # default (all but XLA's transposed convolution) on the batch.
-  assert len(calls) == _CALLS + (_CALLS - 5)
+  # default on the batch: all but the transposed convolutions' XLA and Winograd formulations (10 ms against 1).
+  assert len(calls) == _CALLS + (_CALLS - 5 * 2)
 
 
 def test_small_layers_keep_the_static_default():
@@ -122,17 +124,18 @@ def test_small_layers_keep_the_static_default():
 def test_the_default_stays_unless_another_is_clearly_faster():
   site = tuning.step_sites(tiny_pix2pix(), _batch())["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
   timer = lambda times: lambda f, s, limit: times[_name(f, s)]
-  close = {"matmul": 10.0, "xla": 9.7, "strided": 9.8, "strided_matmul": 9.9}
+  close = {"matmul": 10.0, "xla": 9.7, "strided": 9.8, "strided_matmul": 9.9, "winograd": 9.9}
   assert tuning.measure(site, timer(close))["choice"] == "matmul"
-  clear = {"matmul": 10.0, "xla": 9.4, "strided": 9.8, "strided_matmul": 9.9}
+  clear = {"matmul": 10.0, "xla": 9.4, "strided": 9.8, "strided_matmul": 9.9, "winograd": 9.9}
   measured = tuning.measure(site, timer(clear))
   assert measured["choice"] == "xla" and measured["ms"] == {"matmul": 10.0, "strided": 9.8, "strided_matmul": 9.9,
-                                                            "xla": 9.4}
+                                                            "winograd": 9.9, "xla": 9.4}
 
 
 def test_a_formulation_that_keeps_more_for_the_backward_pass_is_not_a_candidate():
   """At 64 px the static choice is strided_conv (keeps its input); an im2col matmul keeps 4x that,
-  strided_conv_matmul no more than strided_conv (it builds the patches again for the backward pass)."""
+  strided_conv_matmul no more than strided_conv (it builds the patches again for the backward pass), nor
+  Winograd (its transformed input computed again)."""
   site = tuning.step_sites(tiny_pix2pix(), _batch(size=64))["conv 1x64x64x3 k4x4x3x8 s2 p1 float32"]
   assert site.default == "strided"
   timed = []
@@ -141,9 +144,10 @@ def test_a_formulation_that_keeps_more_for_the_backward_pass_is_not_a_candidate(
     timed.append(_name(formulation, traced))
     return 1.0 if timed[-1] == "matmul" else 10.0
   measured = tuning.measure(site, prefer_matmul)
-  assert measured["choice"] == "strided" and sorted(timed) == ["strided", "strided_matmul", "xla"]
+  assert measured["choice"] == "strided" and sorted(timed) == ["strided", "strided_matmul", "winograd", "xla"]
   kept = measured["kept_mib"]
-  assert kept["matmul"] > 3 * kept["strided"] and kept["xla"] == kept["strided"] == kept["strided_matmul"]
+  assert kept["matmul"] > 3 * kept["strided"]
+  assert kept["xla"] == kept["strided"] == kept["strided_matmul"] == kept["winograd"]
   assert kept["strided"] == round((64 * 64 * 3 + 4 * 4 * 3 * 8) * 4 / 2 ** 20, 3)  # The input and the kernel.
 
 
@@ -155,13 +159,14 @@ def test_a_far_slower_formulation_is_cut_off_after_one_call():
     limits[_name(formulation, traced)] = limit_ms
     return 3.0
   tuning.measure(site, timer)
-  assert limits == {"matmul": float("inf"), "conv_transpose": 6.0}
+  assert limits == {"matmul": float("inf"), "conv_transpose": 6.0, "winograd": 6.0}
 
 
 def test_the_real_timer_times_forward_and_both_gradients():
   site = tuning.step_sites(tiny_pix2pix(), _batch())["conv 1x16x16x8 k4x4x8x16 s2 p1 float32"]
   result = tuning.measure(site)
-  assert set(result["ms"]) == {"xla", "matmul", "strided", "strided_matmul"} and result["choice"] in result["ms"]
+  assert set(result["ms"]) == {"xla", "matmul", "strided", "strided_matmul", "winograd"}
+  assert result["choice"] in result["ms"]
   assert all(0 < ms < 10_000 for ms in result["ms"].values())
 
 
