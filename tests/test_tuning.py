@@ -242,10 +242,10 @@ def test_a_batch_runs_only_the_formulations_not_far_slower_on_one_example():
   def timer(formulation, traced, limit_ms):
     name = _name(formulation, traced)
     timed.append((name, traced.x.shape[0]))
-    return {"matmul": 1.0, "conv_transpose": 2.5}[name] * traced.x.shape[0]
+    return {"matmul": 1.0, "conv_transpose": 2.5, "winograd": 2.5}[name] * traced.x.shape[0]
   measured = tuning.measure(site, timer)
   assert measured["choice"] == "matmul" and measured["ms"] == {"matmul": 2.0}
-  assert timed == [("matmul", 1), ("conv_transpose", 1), ("matmul", 2)]
+  assert timed == [("matmul", 1), ("conv_transpose", 1), ("winograd", 1), ("matmul", 2)]
 
 
 def test_bfloat16_says_when_float32_is_faster_here(caplog):
