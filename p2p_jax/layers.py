@@ -542,25 +542,82 @@ def _conv_winograd(x, kernel, stride: int, padding: int):
   return winograd_2x2(lax.concatenate(shifts, 3), taps.transpose(1, 3, 0, 2, 4, 5).reshape(2, 2, 4 * cin, cout))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recomputing(forward, x, kernel):
-  """``forward(x, kernel)``, keeping only ``x`` and ``kernel`` for the backward pass."""
-  return forward(x, kernel)
+# The most that the largest intermediate of a Winograd layer may hold of a batch chunk's images. Over a
+# whole batch of 16 the transformed inputs and products (and their gradients) raised a 256 px step's peak
+# memory above PyTorch's; in chunks of this size they cost no time (BENCHMARKS.md).
+_CHUNK_BYTES = 48 * 2 ** 20
 
 
-def _recomputing_fwd(forward, x, kernel):
-  return forward(x, kernel), (x, kernel)
+def _bytes_per_image(forward, x, kernel) -> int:
+  """How many bytes per image the largest value ``forward(x, kernel)`` computes grows with the batch
+  (traced on shapes only, at batch 1 and 2; the transformed kernel does not grow)."""
+  sizes = []
+  for n in (1, 2):
+    jaxpr = jax.make_jaxpr(forward)(jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype),
+                                    jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))
+    sizes.append([v.aval.size * v.aval.dtype.itemsize for eqn in jaxpr.eqns for v in eqn.outvars])
+  return max(two - one for one, two in zip(*sizes))
 
 
-def _recomputing_bwd(forward, residuals, dy):
-  """``forward``'s gradients, its intermediates computed again once ``dy`` is known: from ``x`` and
-  ``kernel`` themselves (``jax.checkpoint``'s way) XLA found them equal to the forward pass's and
-  kept those (at 256 px batch 4 the transformed inputs and kernels were live at the step's peak)."""
+def _chunk_size(forward, x, kernel) -> int:
+  """The largest divisor of the batch whose images' share of ``forward``'s largest intermediate fits
+  ``_CHUNK_BYTES`` (one image at least)."""
+  n, per_image = x.shape[0], _bytes_per_image(forward, x, kernel)
+  return max(size for size in range(1, n + 1) if n % size == 0 and (size == 1 or size * per_image <= _CHUNK_BYTES))
+
+
+def _by_chunks(compute, chunk: int, operands, placed, summed=()):
+  """The zeros ``placed`` (batch first) and ``summed`` (a kernel's gradient) filled in and added to by
+  ``compute(*operand chunks) -> (*placed parts, *summed parts)`` for each chunk of ``chunk`` images in
+  turn, in a loop: side by side, XLA would hold every chunk's intermediates at once."""
+  def add_chunk(i, results):
+    start = i * chunk
+    parts = compute(*(lax.dynamic_slice_in_dim(operand, start, chunk) for operand in operands))
+    count = len(placed)
+    return (*(lax.dynamic_update_slice_in_dim(result, part, start, 0) for result, part in zip(results, parts[:count])),
+            *(result + part for result, part in zip(results[count:], parts[count:])))
+  return lax.fori_loop(0, operands[0].shape[0] // chunk, add_chunk, (*placed, *summed))
+
+
+def _zeros_after(like, dependency):
+  """Zeros shaped like ``like``, made only once ``dependency`` is: a loop's zero results made early (they
+  depend on nothing) were copied for each loop and held from the step's start, through its peak."""
+  return _after(jnp.zeros(like.shape, like.dtype), dependency.astype(like.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recomputing(forward, chunk: int, x, kernel):
+  """``forward(x, kernel)`` over chunks of ``chunk`` images one after another, keeping only ``x`` and
+  ``kernel`` for the backward pass."""
+  if chunk == x.shape[0]:
+    return forward(x, kernel)
+  y = jax.eval_shape(forward, x, kernel)
+  return _by_chunks(lambda part: (forward(part, kernel),), chunk, (x,), (_zeros_after(y, x[(0,) * x.ndim]),))[0]
+
+
+def _recomputing_fwd(forward, chunk, x, kernel):
+  return _recomputing(forward, chunk, x, kernel), (x, kernel)
+
+
+def _recomputing_bwd(forward, chunk, residuals, dy):
+  """``forward``'s gradients chunk by chunk, its intermediates computed again from operands made to
+  depend on ``dy``: from ``x`` and ``kernel`` themselves (``jax.checkpoint``'s way) XLA found them equal to
+  the forward pass's and kept those (at 256 px batch 4 the transformed inputs and kernels were live at the
+  step's peak)."""
   corner = dy[(0,) * dy.ndim]
-  return jax.vjp(forward, *(_after(r, corner.astype(r.dtype)) for r in residuals))[1](dy)
+  x, kernel = (_after(r, corner.astype(r.dtype)) for r in residuals)
+  gradients = lambda x, dy: jax.vjp(forward, x, kernel)[1](dy)
+  if chunk == x.shape[0]:
+    return gradients(x, dy)
+  return _by_chunks(gradients, chunk, (x, dy), (_zeros_after(x, corner),), (_zeros_after(kernel, corner),))
 
 
 _recomputing.defvjp(_recomputing_fwd, _recomputing_bwd)
+
+
+def _recomputing_in_chunks(forward, x, kernel):
+  """``forward(x, kernel)`` keeping only its operands, its batch in chunks of ``_chunk_size``."""
+  return _recomputing(forward, _chunk_size(forward, x, kernel), x, kernel)
 
 
 def conv_winograd(x, kernel, stride: int, padding: int):
@@ -572,11 +629,12 @@ def conv_winograd(x, kernel, stride: int, padding: int):
   input's four shifts by ``2q``. Forward and both gradients run 9 products
   per 2x2 output tile (autodiff of the transforms); the transformed input,
   2.25 times the stacked input, is computed again for the backward pass
-  rather than kept (``_recomputing``), so the layer keeps what XLA's own
-  convolution keeps. Float32: in bf16 on XLA:CPU the 9 products ran slower
+  rather than kept, and a batch is computed in chunks
+  (``_recomputing_in_chunks``), so the layer keeps what XLA's own convolution
+  keeps and its intermediates do not grow with the batch. Float32: in bf16 on XLA:CPU the 9 products ran slower
   than the matmul formulations (BENCHMARKS.md).
   """
-  return _recomputing(functools.partial(_conv_winograd, stride=stride, padding=padding), x, kernel)
+  return _recomputing_in_chunks(functools.partial(_conv_winograd, stride=stride, padding=padding), x, kernel)
 
 
 CONV_IMPLS = ("auto", "xla", "matmul")
@@ -761,9 +819,10 @@ def conv_transpose_winograd(x, kernel):
   one, with its quarter of the (flipped) kernel, so one 2x2 convolution with
   four times the outputs gives all four: 9 products per 2x2 input tile where
   ``conv_transpose_matmul`` makes 16. As ``conv_winograd``, the transformed
-  input is computed again for the backward pass, not kept.
+  input is computed again for the backward pass, not kept, and a batch is
+  computed in chunks.
   """
-  return _recomputing(_conv_transpose_winograd, x, kernel)
+  return _recomputing_in_chunks(_conv_transpose_winograd, x, kernel)
 
 
 def _conv_4x4_s2_xla(x, kernel):

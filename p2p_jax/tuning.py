@@ -49,7 +49,7 @@ import numpy as np
 from p2p_jax import cache, runtime
 
 MIN_FLOPS = 10 ** 8
-_VERSION = 11  # 2: only formulations that keep no more memory than the default compete.
+_VERSION = 12  # 2: only formulations that keep no more memory than the default compete.
 # 3: bf16 on CPU: every product bf16 and row-major, XLA's convolutions in float32 (layers.matmul).
 # 4: strided convolutions may run all three products as matmuls (layers.strided_conv_matmul).
 # 5: stride-1 convolutions may run as one product per kernel tap (layers.conv_taps).
@@ -60,6 +60,7 @@ _VERSION = 11  # 2: only formulations that keep no more memory than the default 
 # 9: strided_conv_matmul's kernel gradient builds its own patches (XLA had kept the forward pass's).
 # 10: stride-2 patches from the input's phases, written once (layers._phase_patches, faster).
 # 11: float32 4x4 convolutions and transposed convolutions may run in Winograd's F(2x2, 2x2) (layers.conv_winograd).
+# 12: Winograd's layers run a large batch in chunks (layers._recomputing_in_chunks): less memory, as fast.
 # A formulation replaces the static choice only when it is at least this much faster.
 _MARGIN = 0.05
 # A candidate whose first timed call is this many times the fastest so far is dropped untimed further.

@@ -2,6 +2,7 @@
 
 import functools
 import re
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -163,17 +164,6 @@ def test_winograd_transposed_conv_equals_the_dilated_one(height, width):
   _assert_same(layers.conv_transpose_winograd, lambda x, k: layers.conv_transpose(x, k, 2, 1), x, kernel)
 
 
-def _equations(jaxpr):
-  """Every equation of ``jaxpr`` and of the jaxprs inside it (``jax.checkpoint``'s, say)."""
-  for equation in jaxpr.eqns:
-    yield equation
-    for param in equation.params.values():
-      for inner in param if isinstance(param, (tuple, list)) else (param,):
-        inner = getattr(inner, "jaxpr", inner)
-        if hasattr(inner, "eqns"):
-          yield from _equations(inner)
-
-
 def _product_flops(f, *args):
   """FLOPs of the dot products in ``f``'s jaxpr (which must hold no convolution)."""
   equations = list(_equations(jax.make_jaxpr(f)(*args).jaxpr))
@@ -206,12 +196,15 @@ def test_winograd_keeps_only_its_input_and_kernel_until_the_backward_pass():
   assert tuning.kept_bytes(up.formulations["winograd"], up) == input_and_kernel
 
 
+@pytest.mark.parametrize("chunk_images", [None, 2])
 @pytest.mark.parametrize("stride", [1, 2, "transposed"])
-def test_winograd_holds_no_more_than_xlas_convolution_until_its_backward_pass(stride):
+def test_winograd_holds_no_more_than_xlas_convolution_until_its_backward_pass(stride, chunk_images, monkeypatch):
   """Its transformed input (2.25 times its stacked input) is computed again in the backward pass: from the
   input itself (``jax.checkpoint``) XLA found it equal to the forward pass's and kept that through the
   six dense layers after it (1.3, 8.4 and 2.8 MB more than XLA's convolution here; at 256 px batch 4
-  the step's temporary buffers were 741 MiB against 421)."""
+  the step's temporary buffers were 741 MiB against 421). So in chunks of 2 images."""
+  if chunk_images:
+    monkeypatch.setattr(layers, "_chunk_size", lambda forward, x, kernel: chunk_images)
   if stride == "transposed":
     x, kernel = jax.random.normal(jax.random.key(0), (8, 16, 16, 128)), jnp.full((128, 4, 4, 32), 0.01)
     winograd, xla = layers.conv_transpose_winograd, functools.partial(layers.conv_transpose, stride=2, padding=1)
@@ -232,6 +225,77 @@ def test_winograd_holds_no_more_than_xlas_convolution_until_its_backward_pass(st
     return jax.jit(jax.grad(loss)).lower((kernel, weights), x).compile().memory_analysis().temp_size_in_bytes
 
   assert temporary_bytes(winograd) <= temporary_bytes(xla)
+
+
+@pytest.mark.parametrize("stride", [1, 2, "transposed"])
+def test_winograd_in_chunks_equals_xlas_with_both_gradients(stride, monkeypatch):
+  """A batch of 6 in chunks of 2 images: each chunk's outputs and input gradients land in their place, and
+  the kernel's gradient sums all chunks'."""
+  monkeypatch.setattr(layers, "_CHUNK_BYTES", 0)  # One image per chunk ...
+  x = jax.random.normal(jax.random.key(0), (6, 8, 8, 5))
+  assert layers._chunk_size(layers._conv_transpose_winograd, x, jnp.zeros((5, 4, 4, 3))) == 1
+  monkeypatch.setattr(layers, "_chunk_size", lambda forward, x, kernel: 2)  # ... or two.
+  if stride == "transposed":
+    kernel = 0.1 * jax.random.normal(jax.random.key(1), (5, 4, 4, 3))
+    _assert_same(layers.conv_transpose_winograd, lambda x, k: layers.conv_transpose(x, k, 2, 1), x, kernel)
+  else:
+    kernel = 0.1 * jax.random.normal(jax.random.key(1), (4, 4, 5, 3))
+    _assert_same(functools.partial(layers.conv_winograd, stride=stride, padding=1),
+                 functools.partial(layers.conv_xla, stride=stride, padding=1), x, kernel)
+
+
+def test_winograd_chunks_hold_what_their_largest_intermediate_allows():
+  """The transformed input of a stride-1 layer is 9 times its input (four shifts, 9 values per 2x2 tile),
+  its transformed kernel the same at any batch; a chunk takes the images whose share fits, dividing the batch."""
+  forward = functools.partial(layers._conv_winograd, stride=1, padding=1)
+  x, kernel = jnp.zeros((12, 14, 14, 8)), jnp.zeros((4, 4, 8, 16))  # 7x7 tiles of 32 channels per image.
+  per_image = 9 * 49 * 32 * 4
+  assert layers._bytes_per_image(forward, x, kernel) == per_image
+  for fits, chunk in ((12, 12), (11, 6), (5, 4), (3, 3), (2, 2), (0, 1)):
+    with mock.patch.object(layers, "_CHUNK_BYTES", fits * per_image):
+      assert layers._chunk_size(forward, x, kernel) == chunk
+
+
+@pytest.mark.parametrize("stride", [1, 2, "transposed"])
+def test_winograd_temporaries_grow_with_the_batch_only_as_its_input_and_output(stride, monkeypatch):
+  """Over a whole batch the transformed inputs, products and their gradients grow with it (at 256 px batch
+  16 they set the step's peak above PyTorch's); in chunks of 2 images, each image more adds no more than
+  twice its input and output (the gradients' copies of them), not its transformed values."""
+  # Not raising where there are no chunks, so that the test measures what a whole batch needs there.
+  monkeypatch.setattr(layers, "_chunk_size", lambda forward, x, kernel: min(2, x.shape[0]), raising=False)
+  if stride == "transposed":
+    conv, kernel, cin = layers.conv_transpose_winograd, jnp.full((64, 4, 4, 32), 0.01), 64
+  else:
+    conv = functools.partial(layers.conv_winograd, stride=stride, padding=1)
+    kernel, cin = jnp.full((4, 4, 32, 64), 0.01), 32
+
+  def temporary_bytes(batch):
+    x = jax.ShapeDtypeStruct((batch, 32, 32, cin), jnp.float32)
+    forward_and_gradients = lambda x, kernel: jax.vjp(conv, x, kernel)[1](conv(x, kernel))
+    return jax.jit(forward_and_gradients).lower(x, kernel).compile().memory_analysis().temp_size_in_bytes
+
+  image = jax.ShapeDtypeStruct((1, 32, 32, cin), jnp.float32)
+  input_and_output = 4 * (image.size + jax.eval_shape(conv, image, kernel).size)
+  assert temporary_bytes(8) - temporary_bytes(2) <= 6 * 2 * input_and_output
+
+
+def test_a_step_running_winograd_in_chunks_holds_about_what_the_static_table_does(monkeypatch):
+  """The chunk loops' zero results are made once the loop's operands are there: made at the start (they
+  depend on nothing), XLA copied them for each loop and held them through the forward pass (here 21.6 MB
+  of temporaries against 12.1; at 256 px batch 16, 384 MiB at the step's peak)."""
+  monkeypatch.setattr(layers, "_chunk_size", lambda forward, x, kernel: 2)
+  pix2pix = tiny_pix2pix(ngf=16, ndf=16)
+  batch = {name: jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.float32) for name in "AB"}
+  state = jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), pix2pix, batch))
+  # A new function each time, so that JAX traces it again with the choices of the moment.
+  temporary_bytes = lambda: jax.jit(functools.partial(train.train_step, pix2pix=pix2pix)).lower(
+      state, batch).compile().memory_analysis().temp_size_in_bytes
+  monkeypatch.setattr(tuning, "_choices", {})
+  static = temporary_bytes()
+  winograd = {key: "winograd" for key, site in tuning.step_sites(pix2pix, batch).items()
+              if "winograd" in site.formulations}
+  monkeypatch.setattr(tuning, "_choices", winograd)
+  assert len(winograd) >= 6 and temporary_bytes() <= 1.25 * static
 
 
 def test_winograd_competes_in_float32_where_it_applies():
