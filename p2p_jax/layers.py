@@ -585,39 +585,45 @@ def _zeros_after(like, dependency):
   return _after(jnp.zeros(like.shape, like.dtype), dependency.astype(like.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _recomputing(forward, chunk: int, x, kernel):
-  """``forward(x, kernel)`` over chunks of ``chunk`` images one after another, keeping only ``x`` and
-  ``kernel`` for the backward pass."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _in_chunks(forward, gradients, chunk: int, x, kernel):
+  """``forward(x, kernel)`` for chunks of ``chunk`` images in turn, keeping only ``x`` and ``kernel`` for
+  the backward pass, where ``gradients(x, kernel, dy) -> (dx, dkernel)`` runs chunk by chunk too."""
   if chunk == x.shape[0]:
     return forward(x, kernel)
   y = jax.eval_shape(forward, x, kernel)
   return _by_chunks(lambda part: (forward(part, kernel),), chunk, (x,), (_zeros_after(y, x[(0,) * x.ndim]),))[0]
 
 
-def _recomputing_fwd(forward, chunk, x, kernel):
-  return _recomputing(forward, chunk, x, kernel), (x, kernel)
+def _in_chunks_fwd(forward, gradients, chunk, x, kernel):
+  return _in_chunks(forward, gradients, chunk, x, kernel), (x, kernel)
 
 
-def _recomputing_bwd(forward, chunk, residuals, dy):
-  """``forward``'s gradients chunk by chunk, its intermediates computed again from operands made to
-  depend on ``dy``: from ``x`` and ``kernel`` themselves (``jax.checkpoint``'s way) XLA found them equal to
-  the forward pass's and kept those (at 256 px batch 4 the transformed inputs and kernels were live at the
-  step's peak)."""
-  corner = dy[(0,) * dy.ndim]
-  x, kernel = (_after(r, corner.astype(r.dtype)) for r in residuals)
-  gradients = lambda x, dy: jax.vjp(forward, x, kernel)[1](dy)
+def _in_chunks_bwd(forward, gradients, chunk, residuals, dy):
+  x, kernel = residuals
   if chunk == x.shape[0]:
-    return gradients(x, dy)
-  return _by_chunks(gradients, chunk, (x, dy), (_zeros_after(x, corner),), (_zeros_after(kernel, corner),))
+    return gradients(x, kernel, dy)
+  corner = dy[(0,) * dy.ndim]
+  return _by_chunks(lambda x, dy: gradients(x, kernel, dy), chunk, (_after(x, corner.astype(x.dtype)), dy),
+                    (_zeros_after(x, corner),), (_zeros_after(kernel, corner),))
 
 
-_recomputing.defvjp(_recomputing_fwd, _recomputing_bwd)
+_in_chunks.defvjp(_in_chunks_fwd, _in_chunks_bwd)
+
+
+def _recomputed_gradients(forward, x, kernel, dy):
+  """``forward``'s gradients, its intermediates computed again from operands made to depend on ``dy``:
+  from ``x`` and ``kernel`` themselves (``jax.checkpoint``'s way) XLA found them equal to the forward
+  pass's and kept those (at 256 px batch 4 the transformed inputs and kernels were live at the step's
+  peak)."""
+  corner = dy[(0,) * dy.ndim]
+  return jax.vjp(forward, *(_after(r, corner.astype(r.dtype)) for r in (x, kernel)))[1](dy)
 
 
 def _recomputing_in_chunks(forward, x, kernel):
   """``forward(x, kernel)`` keeping only its operands, its batch in chunks of ``_chunk_size``."""
-  return _recomputing(forward, _chunk_size(forward, x, kernel), x, kernel)
+  return _in_chunks(forward, functools.partial(_recomputed_gradients, forward), _chunk_size(forward, x, kernel),
+                    x, kernel)
 
 
 def conv_winograd(x, kernel, stride: int, padding: int):
@@ -833,20 +839,14 @@ def _conv_4x4_s2_matmul(x, kernel):
   return conv_matmul(x, kernel, 2, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _strided(forward, x, kernel):
-  """A 4x4/stride-2/padding-1 convolution computed by ``forward``, which also gives the kernel's
-  gradient, and whose input gradient is the matmul transposed convolution."""
-  return forward(x, kernel)
+def _strided_input_gradient(dy, kernel):
+  """The input gradient of a 4x4/stride-2/padding-1 convolution: the matmul transposed convolution."""
+  return conv_transpose_matmul(dy.astype(kernel.dtype), kernel.transpose(3, 0, 1, 2))
 
 
-def _strided_fwd(forward, x, kernel):
-  return forward(x, kernel), (x, kernel)
-
-
-def _strided_bwd(forward, residuals, dy):
-  x, kernel = residuals
-  dx = conv_transpose_matmul(dy.astype(kernel.dtype), kernel.transpose(3, 0, 1, 2)).astype(x.dtype)
+def _strided_gradients(forward, x, kernel, dy):
+  """The input gradient as the matmul transposed convolution, the kernel's as ``forward``'s."""
+  dx = _strided_input_gradient(dy, kernel).astype(x.dtype)
   # The kernel's gradient from the input after dx: else XLA finds the im2col patches that a matmul
   # ``forward``'s gradient builds equal to the forward pass's, and keeps those from the forward pass
   # on, four times the input (at 256 px batch 16, 200 MiB more at the bf16 step's peak). Kept for
@@ -856,7 +856,14 @@ def _strided_bwd(forward, residuals, dy):
   return dx, kernel_vjp(dy)[0]
 
 
-_strided.defvjp(_strided_fwd, _strided_bwd)
+def _strided(forward, x, kernel):
+  """A 4x4/stride-2/padding-1 convolution computed by ``forward``, which also gives the kernel's
+  gradient, and whose input gradient is the matmul transposed convolution; in chunks whose largest
+  intermediate, the forward pass's patches or the input gradient's (float32, 16 times the input's
+  channels per output pixel: 256 MiB for the PatchGAN's ``conv_1`` at 256 px batch 16, the bf16
+  step's peak), fits ``_CHUNK_BYTES``."""
+  chunk = _chunk_size(lambda x, kernel: _strided_input_gradient(forward(x, kernel), kernel), x, kernel)
+  return _in_chunks(forward, functools.partial(_strided_gradients, forward), chunk, x, kernel)
 
 
 def strided_conv(x, kernel):

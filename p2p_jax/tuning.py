@@ -60,7 +60,8 @@ _VERSION = 12  # 2: only formulations that keep no more memory than the default 
 # 9: strided_conv_matmul's kernel gradient builds its own patches (XLA had kept the forward pass's).
 # 10: stride-2 patches from the input's phases, written once (layers._phase_patches, faster).
 # 11: float32 4x4 convolutions and transposed convolutions may run in Winograd's F(2x2, 2x2) (layers.conv_winograd).
-# 12: Winograd's layers run a large batch in chunks (layers._recomputing_in_chunks): less memory, as fast.
+# 12: Winograd's layers, and strided convolutions' gradients, run a large batch in chunks (layers._in_chunks):
+#     less memory, as fast.
 # A formulation replaces the static choice only when it is at least this much faster.
 _MARGIN = 0.05
 # A candidate whose first timed call is this many times the fastest so far is dropped untimed further.

@@ -204,7 +204,7 @@ def test_winograd_holds_no_more_than_xlas_convolution_until_its_backward_pass(st
   six dense layers after it (1.3, 8.4 and 2.8 MB more than XLA's convolution here; at 256 px batch 4
   the step's temporary buffers were 741 MiB against 421). So in chunks of 2 images."""
   if chunk_images:
-    monkeypatch.setattr(layers, "_chunk_size", lambda forward, x, kernel: chunk_images)
+    monkeypatch.setattr(layers, "_chunk_size", lambda forward, x, kernel: min(chunk_images, x.shape[0]))
   if stride == "transposed":
     x, kernel = jax.random.normal(jax.random.key(0), (8, 16, 16, 128)), jnp.full((128, 4, 4, 32), 0.01)
     winograd, xla = layers.conv_transpose_winograd, functools.partial(layers.conv_transpose, stride=2, padding=1)
@@ -227,21 +227,32 @@ def test_winograd_holds_no_more_than_xlas_convolution_until_its_backward_pass(st
   assert temporary_bytes(winograd) <= temporary_bytes(xla)
 
 
-@pytest.mark.parametrize("stride", [1, 2, "transposed"])
-def test_winograd_in_chunks_equals_xlas_with_both_gradients(stride, monkeypatch):
+# The formulations that run a large batch in chunks, as (conv(x, kernel), XLA's, kernel shape (in, out)).
+_CHUNKED = {
+    "winograd s1": (functools.partial(layers.conv_winograd, stride=1, padding=1),
+                    functools.partial(layers.conv_xla, stride=1, padding=1), lambda cin, cout: (4, 4, cin, cout)),
+    "winograd s2": (functools.partial(layers.conv_winograd, stride=2, padding=1),
+                    functools.partial(layers.conv_xla, stride=2, padding=1), lambda cin, cout: (4, 4, cin, cout)),
+    "winograd transposed": (layers.conv_transpose_winograd, lambda x, k: layers.conv_transpose(x, k, 2, 1),
+                            lambda cin, cout: (cin, 4, 4, cout)),
+    "strided": (layers.strided_conv, functools.partial(layers.conv_xla, stride=2, padding=1),
+                lambda cin, cout: (4, 4, cin, cout)),
+    "strided_matmul": (layers.strided_conv_matmul, functools.partial(layers.conv_xla, stride=2, padding=1),
+                       lambda cin, cout: (4, 4, cin, cout)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CHUNKED))
+def test_chunked_formulations_equal_xlas_with_both_gradients(name, monkeypatch):
   """A batch of 6 in chunks of 2 images: each chunk's outputs and input gradients land in their place, and
   the kernel's gradient sums all chunks'."""
-  monkeypatch.setattr(layers, "_CHUNK_BYTES", 0)  # One image per chunk ...
+  conv, xla, kernel_shape = _CHUNKED[name]
   x = jax.random.normal(jax.random.key(0), (6, 8, 8, 5))
-  assert layers._chunk_size(layers._conv_transpose_winograd, x, jnp.zeros((5, 4, 4, 3))) == 1
-  monkeypatch.setattr(layers, "_chunk_size", lambda forward, x, kernel: 2)  # ... or two.
-  if stride == "transposed":
-    kernel = 0.1 * jax.random.normal(jax.random.key(1), (5, 4, 4, 3))
-    _assert_same(layers.conv_transpose_winograd, lambda x, k: layers.conv_transpose(x, k, 2, 1), x, kernel)
-  else:
-    kernel = 0.1 * jax.random.normal(jax.random.key(1), (4, 4, 5, 3))
-    _assert_same(functools.partial(layers.conv_winograd, stride=stride, padding=1),
-                 functools.partial(layers.conv_xla, stride=stride, padding=1), x, kernel)
+  kernel = 0.1 * jax.random.normal(jax.random.key(1), kernel_shape(5, 3))
+  monkeypatch.setattr(layers, "_CHUNK_BYTES", 0)  # One image per chunk ...
+  assert layers._chunk_size(lambda x, kernel: conv(x, kernel), x, kernel) == 1
+  monkeypatch.setattr(layers, "_chunk_size", lambda forward, x, kernel: min(2, x.shape[0]))  # ... or two.
+  _assert_same(conv, xla, x, kernel)
 
 
 def test_winograd_chunks_hold_what_their_largest_intermediate_allows():
@@ -256,18 +267,17 @@ def test_winograd_chunks_hold_what_their_largest_intermediate_allows():
       assert layers._chunk_size(forward, x, kernel) == chunk
 
 
-@pytest.mark.parametrize("stride", [1, 2, "transposed"])
-def test_winograd_temporaries_grow_with_the_batch_only_as_its_input_and_output(stride, monkeypatch):
-  """Over a whole batch the transformed inputs, products and their gradients grow with it (at 256 px batch
-  16 they set the step's peak above PyTorch's); in chunks of 2 images, each image more adds no more than
-  twice its input and output (the gradients' copies of them), not its transformed values."""
+@pytest.mark.parametrize("name", sorted(_CHUNKED))
+def test_chunked_temporaries_grow_with_the_batch_only_as_their_input_and_output(name, monkeypatch):
+  """Over a whole batch a Winograd layer's transformed inputs, products and their gradients grow with it (at
+  256 px batch 16 they set the float32 step's peak above PyTorch's), and so do a strided convolution's
+  patches (its input gradient's, float32, set the bf16 step's); in chunks of 2 images, each image more
+  adds no more than twice its input and output (the gradients' copies of them), not those."""
   # Not raising where there are no chunks, so that the test measures what a whole batch needs there.
   monkeypatch.setattr(layers, "_chunk_size", lambda forward, x, kernel: min(2, x.shape[0]), raising=False)
-  if stride == "transposed":
-    conv, kernel, cin = layers.conv_transpose_winograd, jnp.full((64, 4, 4, 32), 0.01), 64
-  else:
-    conv = functools.partial(layers.conv_winograd, stride=stride, padding=1)
-    kernel, cin = jnp.full((4, 4, 32, 64), 0.01), 32
+  conv, _, kernel_shape = _CHUNKED[name]
+  cin = 64 if name == "winograd transposed" else 32
+  kernel = jnp.full(kernel_shape(cin, 96 - cin), 0.01)
 
   def temporary_bytes(batch):
     x = jax.ShapeDtypeStruct((batch, 32, 32, cin), jnp.float32)
@@ -283,7 +293,7 @@ def test_a_step_running_winograd_in_chunks_holds_about_what_the_static_table_doe
   """The chunk loops' zero results are made once the loop's operands are there: made at the start (they
   depend on nothing), XLA copied them for each loop and held them through the forward pass (here 21.6 MB
   of temporaries against 12.1; at 256 px batch 16, 384 MiB at the step's peak)."""
-  monkeypatch.setattr(layers, "_chunk_size", lambda forward, x, kernel: 2)
+  monkeypatch.setattr(layers, "_chunk_size", lambda forward, x, kernel: min(2, x.shape[0]))
   pix2pix = tiny_pix2pix(ngf=16, ndf=16)
   batch = {name: jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.float32) for name in "AB"}
   state = jax.eval_shape(lambda: train.create_train_state(jax.random.key(0), pix2pix, batch))
