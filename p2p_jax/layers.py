@@ -844,9 +844,14 @@ def _strided_input_gradient(dy, kernel):
   return conv_transpose_matmul(dy.astype(kernel.dtype), kernel.transpose(3, 0, 1, 2))
 
 
-def _strided_gradients(forward, x, kernel, dy):
-  """The input gradient as the matmul transposed convolution, the kernel's as ``forward``'s."""
-  dx = _strided_input_gradient(dy, kernel).astype(x.dtype)
+def _strided_gradients(forward, dx_chunk: int, x, kernel, dy):
+  """The input gradient as the matmul transposed convolution, for chunks of ``dx_chunk`` images in turn;
+  the kernel's as ``forward``'s."""
+  input_gradient = lambda dy: (_strided_input_gradient(dy, kernel).astype(x.dtype),)
+  if dx_chunk >= x.shape[0]:
+    dx, = input_gradient(dy)
+  else:
+    dx, = _by_chunks(input_gradient, dx_chunk, (dy,), (_zeros_after(x, dy[(0,) * dy.ndim]),))
   # The kernel's gradient from the input after dx: else XLA finds the im2col patches that a matmul
   # ``forward``'s gradient builds equal to the forward pass's, and keeps those from the forward pass
   # on, four times the input (at 256 px batch 16, 200 MiB more at the bf16 step's peak). Kept for
@@ -856,14 +861,16 @@ def _strided_gradients(forward, x, kernel, dy):
   return dx, kernel_vjp(dy)[0]
 
 
-def _strided(forward, x, kernel):
+def _strided(forward, x, kernel, forward_in_chunks: bool):
   """A 4x4/stride-2/padding-1 convolution computed by ``forward``, which also gives the kernel's
   gradient, and whose input gradient is the matmul transposed convolution; in chunks whose largest
   intermediate, the forward pass's patches or the input gradient's (float32, 16 times the input's
   channels per output pixel: 256 MiB for the PatchGAN's ``conv_1`` at 256 px batch 16, the bf16
-  step's peak), fits ``_CHUNK_BYTES``."""
+  step's peak), fits ``_CHUNK_BYTES``. The forward pass and the kernel's gradient go in chunks only
+  when ``forward_in_chunks``: XLA:CPU ran its own convolution 10-17 times slower in a loop."""
   chunk = _chunk_size(lambda x, kernel: _strided_input_gradient(forward(x, kernel), kernel), x, kernel)
-  return _in_chunks(forward, functools.partial(_strided_gradients, forward), chunk, x, kernel)
+  gradients = functools.partial(_strided_gradients, forward, chunk)
+  return _in_chunks(forward, gradients, chunk if forward_in_chunks else x.shape[0], x, kernel)
 
 
 def strided_conv(x, kernel):
@@ -875,7 +882,7 @@ def strided_conv(x, kernel):
   makes the step 22% faster there and 11% at batch 1 (BENCHMARKS.md). The
   kernel's gradient stays XLA's. Input sides must be even.
   """
-  return _strided(_conv_4x4_s2_xla, x, kernel)
+  return _strided(_conv_4x4_s2_xla, x, kernel, forward_in_chunks=False)
 
 
 def strided_conv_matmul(x, kernel):
@@ -886,7 +893,7 @@ def strided_conv_matmul(x, kernel):
   holds what ``strided_conv`` holds; for bf16 on CPU every product then runs
   on the bf16 units, where XLA's own convolutions run in float32.
   """
-  return _strided(_conv_4x4_s2_matmul, x, kernel)
+  return _strided(_conv_4x4_s2_matmul, x, kernel, forward_in_chunks=True)
 
 
 def _input_gradient_as_matmul(shape, kernel_size: int, stride: int, padding: int) -> bool:
