@@ -542,9 +542,10 @@ def _conv_winograd(x, kernel, stride: int, padding: int):
   return winograd_2x2(lax.concatenate(shifts, 3), taps.transpose(1, 3, 0, 2, 4, 5).reshape(2, 2, 4 * cin, cout))
 
 
-# The most that the largest intermediate of a Winograd layer may hold of a batch chunk's images. Over a
-# whole batch of 16 the transformed inputs and products (and their gradients) raised a 256 px step's peak
-# memory above PyTorch's; in chunks of this size they cost no time (BENCHMARKS.md).
+# The most that the largest intermediate of a chunked layer (Winograd's, the strided formulations') may
+# hold of a batch chunk's images. Over a whole batch of 16, Winograd's transformed inputs and products
+# (and their gradients) raised a 256 px float32 step's peak memory above PyTorch's, and the strided input
+# gradient's patches the bf16 step's (BENCHMARKS.md).
 _CHUNK_BYTES = 48 * 2 ** 20
 
 
@@ -637,8 +638,9 @@ def conv_winograd(x, kernel, stride: int, padding: int):
   2.25 times the stacked input, is computed again for the backward pass
   rather than kept, and a batch is computed in chunks
   (``_recomputing_in_chunks``), so the layer keeps what XLA's own convolution
-  keeps and its intermediates do not grow with the batch. Float32: in bf16 on XLA:CPU the 9 products ran slower
-  than the matmul formulations (BENCHMARKS.md).
+  keeps and its intermediates do not grow with the batch. Float32: in bf16 on
+  XLA:CPU the 9 products ran slower than the matmul formulations
+  (BENCHMARKS.md).
   """
   return _recomputing_in_chunks(functools.partial(_conv_winograd, stride=stride, padding=padding), x, kernel)
 
