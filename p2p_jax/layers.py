@@ -562,8 +562,12 @@ def _bytes_per_image(forward, x, kernel) -> int:
 
 def _chunk_size(forward, x, kernel) -> int:
   """The largest divisor of the batch whose images' share of ``forward``'s largest intermediate fits
-  ``_CHUNK_BYTES`` (one image at least)."""
-  n, per_image = x.shape[0], _bytes_per_image(forward, x, kernel)
+  ``_CHUNK_BYTES`` (one image at least). A batch of one is not traced to find out (0.2-0.3 s of
+  tracing per train step at 128 px)."""
+  n = x.shape[0]
+  if n == 1:
+    return 1
+  per_image = _bytes_per_image(forward, x, kernel)
   return max(size for size in range(1, n + 1) if n % size == 0 and (size == 1 or size * per_image <= _CHUNK_BYTES))
 
 
@@ -605,6 +609,8 @@ def _in_chunks_bwd(forward, gradients, chunk, residuals, dy):
   if chunk == x.shape[0]:
     return gradients(x, kernel, dy)
   corner = dy[(0,) * dy.ndim]
+  # The loop reads a copy of x made once dy is there, not x itself: at 256 px batch 16 the step's peak
+  # live buffers were 870.6 MiB float32 and 930.9 bf16 without it, 854.6 and 869.2 with it.
   return _by_chunks(lambda x, dy: gradients(x, kernel, dy), chunk, (_after(x, corner.astype(x.dtype)), dy),
                     (_zeros_after(x, corner),), (_zeros_after(kernel, corner),))
 
