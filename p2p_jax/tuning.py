@@ -13,10 +13,11 @@ instruction set, or accelerator kind). A layer timed alone does not always
 predict the step around it, so where the choices differ from the static table
 the whole train step is then timed both ways, and the table's stay unless the
 measured ones make the step clearly faster (``_check_whole_step``). Compiler
-options are chosen the same way: on CPU, the layers that run XLA's own
+options are chosen the same way: on CPU, the formulations that run XLA's own
 convolutions are measured again with YNNPACK's convolutions off
-(``_VARIANTS``), and the step compiles with the options under which its layers
-add up fastest (``compiler_options``). Layers
+(``_VARIANTS``; the others compile to the same program, so their times stand),
+and the step compiles with the options under which its layers add up fastest
+(``compiler_options``). Layers
 look their shape up there when they are traced (``choice``); a shape never
 measured, or a process with ``P2P_JAX_CPU_TUNING=0``, gets the static table in
 ``layers`` (the safe default).
@@ -37,7 +38,7 @@ import math
 import re
 import statistics
 import time
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, FrozenSet, Mapping, Optional, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -209,14 +210,14 @@ def _variants() -> Dict[str, dict]:
   return accepted
 
 
-def _convolves(traced: Site) -> bool:
-  """Whether a formulation of ``traced`` runs one of XLA's own convolutions (forward or gradients)."""
+def _convolving(traced: Site) -> FrozenSet[str]:
+  """The formulations of ``traced`` that run one of XLA's own convolutions (forward or gradients)."""
   def forward_and_gradients(x, kernel, formulation):
     y, vjp = jax.vjp(formulation, x, kernel)
     return vjp(y)
-  return any("conv_general_dilated" in str(jax.make_jaxpr(functools.partial(forward_and_gradients,
-                                                                            formulation=f))(traced.x, traced.kernel))
-             for f in traced.formulations.values())
+  return frozenset(name for name, f in traced.formulations.items()
+                   if "conv_general_dilated" in str(jax.make_jaxpr(functools.partial(
+                       forward_and_gradients, formulation=f))(traced.x, traced.kernel)))
 
 
 def collect(fn: Callable, *args, **kwargs) -> Dict[str, Site]:
@@ -291,7 +292,8 @@ def kept_bytes(formulation: Callable, traced: Site) -> int:
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(backward))
 
 
-def measure(traced: Site, timer: Optional[Callable] = None, compiler_options: Optional[dict] = None) -> dict:
+def measure(traced: Site, timer: Optional[Callable] = None, compiler_options: Optional[dict] = None,
+            known_ms: Optional[Mapping[str, float]] = None) -> dict:
   """``{"choice": name, "ms": {name: ms}, "kept_mib": {name: MiB}}`` for the formulations of ``traced``.
 
   Only formulations that keep no more for the backward pass than the static
@@ -303,7 +305,8 @@ def measure(traced: Site, timer: Optional[Callable] = None, compiler_options: Op
   cut off after one call (its time then only says it lost); for a batch of
   several, one far slower than the default on one example is not run on the
   whole batch (XLA:CPU's transposed convolution takes seconds there).
-  Each formulation compiles with ``compiler_options`` where given.
+  Each formulation compiles with ``compiler_options`` where given; those in
+  ``known_ms`` are not run again (their times stand, and cut off the others).
   """
   timer = timer or time_formulation
   if compiler_options:
@@ -311,18 +314,21 @@ def measure(traced: Site, timer: Optional[Callable] = None, compiler_options: Op
   kept = {name: kept_bytes(f, traced) for name, f in traced.formulations.items()}
   names = [traced.default] + sorted(name for name in traced.formulations
                                     if name != traced.default and kept[name] <= kept[traced.default])
-  if traced.x.shape[0] > 1:
+  known = {name: known_ms[name] for name in names if name in (known_ms or {})}
+  fresh = [name for name in names if name not in known]
+  if traced.x.shape[0] > 1 and fresh:
     single = dataclasses.replace(traced, x=jax.ShapeDtypeStruct((1, *traced.x.shape[1:]), traced.x.dtype))
-    screen = _time_each(single, names, timer)
-    names = [name for name in names if screen[name] <= _CUTOFF * screen[traced.default]]
-  ms = _time_each(traced, names, timer)
+    screen = _time_each(single, list(dict.fromkeys([traced.default, *fresh])), timer)
+    fresh = [name for name in fresh if screen[name] <= _CUTOFF * screen[traced.default]]
+  ms = _time_each(traced, fresh, timer, known)
   best = min(ms, key=ms.get)
   chosen = best if ms[best] < (1 - _MARGIN) * ms[traced.default] else traced.default
   return {"choice": chosen, "ms": ms, "kept_mib": {name: round(b / 2 ** 20, 3) for name, b in sorted(kept.items())}}
 
 
-def _time_each(traced: Site, names: Sequence[str], timer: Callable) -> Dict[str, float]:
-  ms = {}
+def _time_each(traced: Site, names: Sequence[str], timer: Callable,
+               known: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+  ms = dict(known or {})
   for name in names:
     limit = _CUTOFF * min(ms.values()) if ms else math.inf
     ms[name] = round(float(timer(traced.formulations[name], traced, limit)), 3)
@@ -347,10 +353,20 @@ def _measure_new(sites: Sequence[Site], records: Dict[str, dict], timer: Optiona
                  variant: str = XLA_DEFAULTS) -> None:
   """Measures the sites ``records`` lacks, logging each, and adds them to it and to the record file.
 
-  For a ``variant`` of the compiler options, a site's record is ``_variant_key(key, variant)``.
+  For a ``variant`` of the compiler options, a site's record is ``_variant_key(key, variant)``, and
+  only sites with a formulation that runs XLA's own convolutions are measured, only those
+  formulations: the variant changes which convolutions go to YNNPACK, so the others compile to the
+  same program as with XLA's defaults, and their times there stand (timed again, their noise alone
+  could choose the variant).
   """
   key_of = lambda s: _variant_key(s.key, variant)
   todo = [s for s in sites if key_of(s) not in records]
+  known = {s.key: {} for s in todo}
+  if variant != XLA_DEFAULTS:
+    convolving = {s.key: _convolving(s) for s in todo}
+    todo = [s for s in todo if convolving[s.key]]
+    known = {s.key: {name: ms for name, ms in records.get(s.key, {}).get("ms", {}).items()
+                     if name not in convolving[s.key]} for s in todo}
   if not todo:
     return
   logging.info("Measuring the formulations of %d convolution shapes on this machine, compiled with %s (once "
@@ -359,7 +375,7 @@ def _measure_new(sites: Sequence[Site], records: Dict[str, dict], timer: Optiona
   options = _variants().get(variant)
   start, measured = time.perf_counter(), {}
   for s in todo:
-    measured[key_of(s)] = measure(s, timer, options)
+    measured[key_of(s)] = measure(s, timer, options, known[s.key])
     logging.info("  %s: %s (%s ms)", s.key, measured[key_of(s)]["choice"],
                  ", ".join(f"{name} {ms:g}" for name, ms in measured[key_of(s)]["ms"].items()))
   logging.info("Measured in %.1f s.", time.perf_counter() - start)
@@ -381,14 +397,13 @@ def _step_key(choices: Mapping[str, str], variant: str) -> str:
 def _fastest(sites: Mapping[str, Site], records: Dict[str, dict], timer: Optional[Callable]):
   """``(choices, variant)``: the layers' choices under the compiler options whose layers add up fastest.
 
-  Only sites where a formulation runs one of XLA's own convolutions are
-  measured again with a variant; the others' records stand for both. Sites
-  recorded before are not traced again to find out (a run's start).
+  Only the formulations that run one of XLA's own convolutions are measured
+  again with a variant (``_measure_new``); the others' records stand for both.
+  Sites recorded before are not traced again to find out (a run's start).
   """
   best, best_ms = None, math.inf
   for variant in (XLA_DEFAULTS, *_variants()):
-    new = [s for s in sites.values() if _variant_key(s.key, variant) not in records]
-    _measure_new([s for s in new if variant == XLA_DEFAULTS or _convolves(s)], records, timer, variant)
+    _measure_new(list(sites.values()), records, timer, variant)
     layers = {key: records.get(_variant_key(key, variant), records[key]) for key in sites}
     ms = sum(layer["ms"][layer["choice"]] for layer in layers.values())
     if ms < best_ms:

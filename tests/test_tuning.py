@@ -322,6 +322,40 @@ def test_options_this_xla_does_not_take_are_left_out(monkeypatch):
   assert _VARIANTS.__wrapped__() == {}
 
 
+def test_without_ynnpack_convolutions_the_formulations_without_xlas_convolutions_compile_the_same():
+  """Why a variant times only the formulations that run XLA's own convolutions: the others are the same program."""
+  (options,) = _VARIANTS().values()
+  site = layers.conv_site(jax.ShapeDtypeStruct((2, 16, 16, 32), jnp.float32), (4, 4, 32, 64), 2, 1, jnp.float32)
+  convolving = tuning._convolving(site)  # pylint: disable=protected-access
+  assert convolving == {"xla", "strided"} and {"matmul", "strided_matmul", "winograd"} <= set(site.formulations)
+  program = lambda f, compiler_options: jax.jit(jax.grad(lambda x, k: f(x, k).sum(), (0, 1))).lower(
+      site.x, site.kernel).compile(compiler_options).as_text()
+  for name, f in site.formulations.items():
+    with_options, with_defaults = (program(f, compiler_options) for compiler_options in (options, None))
+    assert (with_options == with_defaults) == (name not in convolving), name
+
+
+def test_a_variant_times_only_the_formulations_that_run_xlas_convolutions(monkeypatch):
+  monkeypatch.setattr(tuning, "_variants", _VARIANTS)
+  ((variant, _),) = _VARIANTS().items()
+  timed = []
+
+  def timer(formulation, site, limit_ms, compiler_options=None):
+    del limit_ms
+    timed.append((site.key, _name(formulation, site), bool(compiler_options)))
+    return 10.0 if compiler_options else 20.0
+
+  pix2pix, batch = tiny_pix2pix(), _batch()
+  tuning.tune(pix2pix, batch, min_flops=0, timer=timer)
+  sites = tuning.step_sites(pix2pix, batch)
+  with_variant = [(key, name) for key, name, options in timed if options]
+  assert with_variant and all(name in tuning._convolving(sites[key]) for key, name in with_variant)  # pylint: disable=protected-access
+  records = json.loads(tuning.record_path().read_text())["sites"]
+  for key, name in with_variant:  # The others' times are those compiled with XLA's defaults.
+    assert all(ms == (10.0 if other in tuning._convolving(sites[key]) else records[key]["ms"][other])  # pylint: disable=protected-access
+               for other, ms in records[f"{key}, {variant}"]["ms"].items())
+
+
 def _timer_by_options(ms):
   """A fake timer: ``ms[(formulation, compiled with a variant's options)]``, else 10 ms."""
   def timer(formulation, site, limit_ms, compiler_options=None):
