@@ -571,33 +571,42 @@ def _chunk_size(forward, x, kernel) -> int:
   return max(size for size in range(1, n + 1) if n % size == 0 and (size == 1 or size * per_image <= _CHUNK_BYTES))
 
 
-def _by_chunks(compute, chunk: int, operands, placed, summed=()):
-  """The zeros ``placed`` (batch first) and ``summed`` (a kernel's gradient) filled in and added to by
-  ``compute(*operand chunks) -> (*placed parts, *summed parts)`` for each chunk of ``chunk`` images in
-  turn, in a loop: side by side, XLA would hold every chunk's intermediates at once."""
+def _by_chunks(compute, chunk: int, operands, summed: int = 0):
+  """``compute(*operands) -> (*placed parts, *summed parts)``, its first parts placed along the batch and
+  its last ``summed`` added up over it (a kernel's gradient), for chunks of ``chunk`` images in turn when
+  that is less than the batch, in a loop: side by side, XLA would hold every chunk's intermediates at once.
+
+  The loop's zero results, and copies of the operands before the last one that it reads, are made once
+  the last operand is there: zeros made early (they depend on nothing) were copied for each loop and held
+  from the step's start, through its peak; the backward pass reading ``x`` itself rather than a copy made
+  after ``dy`` held 870.6 MiB float32 and 930.9 bf16 at the peak of a 256 px batch-16 step, not 854.6
+  and 869.2.
+  """
+  n = operands[0].shape[0]
+  if chunk == n:
+    return compute(*operands)
+  last = operands[-1]
+  start = last[(0,) * last.ndim]
+  operands = (*(_after(operand, start.astype(operand.dtype)) for operand in operands[:-1]), last)
+  parts = jax.eval_shape(compute, *(jax.ShapeDtypeStruct((chunk, *operand.shape[1:]), operand.dtype)
+                                    for operand in operands))
+  count = len(parts) - summed
+  zeros = tuple(_after(jnp.zeros((n, *part.shape[1:]) if i < count else part.shape, part.dtype),
+                       start.astype(part.dtype)) for i, part in enumerate(parts))
+
   def add_chunk(i, results):
-    start = i * chunk
-    parts = compute(*(lax.dynamic_slice_in_dim(operand, start, chunk) for operand in operands))
-    count = len(placed)
-    return (*(lax.dynamic_update_slice_in_dim(result, part, start, 0) for result, part in zip(results, parts[:count])),
+    begin = i * chunk
+    parts = compute(*(lax.dynamic_slice_in_dim(operand, begin, chunk) for operand in operands))
+    return (*(lax.dynamic_update_slice_in_dim(result, part, begin, 0) for result, part in zip(results[:count], parts)),
             *(result + part for result, part in zip(results[count:], parts[count:])))
-  return lax.fori_loop(0, operands[0].shape[0] // chunk, add_chunk, (*placed, *summed))
-
-
-def _zeros_after(like, dependency):
-  """Zeros shaped like ``like``, made only once ``dependency`` is: a loop's zero results made early (they
-  depend on nothing) were copied for each loop and held from the step's start, through its peak."""
-  return _after(jnp.zeros(like.shape, like.dtype), dependency.astype(like.dtype))
+  return lax.fori_loop(0, n // chunk, add_chunk, zeros)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _in_chunks(forward, gradients, chunk: int, x, kernel):
   """``forward(x, kernel)`` for chunks of ``chunk`` images in turn, keeping only ``x`` and ``kernel`` for
   the backward pass, where ``gradients(x, kernel, dy) -> (dx, dkernel)`` runs chunk by chunk too."""
-  if chunk == x.shape[0]:
-    return forward(x, kernel)
-  y = jax.eval_shape(forward, x, kernel)
-  return _by_chunks(lambda part: (forward(part, kernel),), chunk, (x,), (_zeros_after(y, x[(0,) * x.ndim]),))[0]
+  return _by_chunks(lambda part: (forward(part, kernel),), chunk, (x,))[0]
 
 
 def _in_chunks_fwd(forward, gradients, chunk, x, kernel):
@@ -606,13 +615,7 @@ def _in_chunks_fwd(forward, gradients, chunk, x, kernel):
 
 def _in_chunks_bwd(forward, gradients, chunk, residuals, dy):
   x, kernel = residuals
-  if chunk == x.shape[0]:
-    return gradients(x, kernel, dy)
-  corner = dy[(0,) * dy.ndim]
-  # The loop reads a copy of x made once dy is there, not x itself: at 256 px batch 16 the step's peak
-  # live buffers were 870.6 MiB float32 and 930.9 bf16 without it, 854.6 and 869.2 with it.
-  return _by_chunks(lambda x, dy: gradients(x, kernel, dy), chunk, (_after(x, corner.astype(x.dtype)), dy),
-                    (_zeros_after(x, corner),), (_zeros_after(kernel, corner),))
+  return _by_chunks(lambda x, dy: gradients(x, kernel, dy), chunk, (x, dy), summed=1)
 
 
 _in_chunks.defvjp(_in_chunks_fwd, _in_chunks_bwd)
@@ -855,11 +858,7 @@ def _strided_input_gradient(dy, kernel):
 def _strided_gradients(forward, dx_chunk: int, x, kernel, dy):
   """The input gradient as the matmul transposed convolution, for chunks of ``dx_chunk`` images in turn;
   the kernel's as ``forward``'s."""
-  input_gradient = lambda dy: (_strided_input_gradient(dy, kernel).astype(x.dtype),)
-  if dx_chunk >= x.shape[0]:
-    dx, = input_gradient(dy)
-  else:
-    dx, = _by_chunks(input_gradient, dx_chunk, (dy,), (_zeros_after(x, dy[(0,) * dy.ndim]),))
+  dx, = _by_chunks(lambda dy: (_strided_input_gradient(dy, kernel).astype(x.dtype),), dx_chunk, (dy,))
   # The kernel's gradient from the input after dx: else XLA finds the im2col patches that a matmul
   # ``forward``'s gradient builds equal to the forward pass's, and keeps those from the forward pass
   # on, four times the input (at 256 px batch 16, 200 MiB more at the bf16 step's peak). Kept for
