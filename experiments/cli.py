@@ -9,13 +9,26 @@ import re
 import sys
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
-from absl import app
+from absl import app, flags
 
-from p2p_jax import checkpoint, input_pipeline, trainer
+from p2p_jax import checkpoint, input_pipeline, train, trainer
 
 # What the library raises for bad input: each carries a message for the user.
 USER_ERRORS = (ValueError, OSError, input_pipeline.DatasetUnavailableError, trainer.NonFiniteError)
 _NOT_AFTER = r"(?<![\w./-])"  # A name starts a word: "config." in "experiments/configs/x.py" is no key.
+flags.disclaim_key_flags()  # The flags defined here belong to the entry point that calls for them.
+
+
+def define_generator_flags() -> None:
+  """The flags of the entry points that run a trained generator (evaluate, translate): which run and
+  checkpoint, and how the generator runs. Each entry point's ``--help`` lists them as its own."""
+  flags.DEFINE_string("workdir", None, "The training run's workdir (its checkpoints are used).")
+  flags.DEFINE_integer("step", None, "Checkpoint step to use; the latest by default.")
+  flags.DEFINE_enum("mode", "eval", train.GENERATE_MODES,
+                    "eval: running batch statistics, no dropout. paper: as the paper at test time, "
+                    "each image normalised with its own statistics and dropout on.")
+  flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
+  flags.mark_flags_as_required(["workdir"])
 
 
 def in_flag_terms(message: str, flags: Mapping[str, str] = {}) -> str:  # pylint: disable=dangerous-default-value

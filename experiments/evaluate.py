@@ -18,19 +18,13 @@ from absl import flags, logging
 
 import experiments
 from experiments import cli
-from p2p_jax import inference, train
+from p2p_jax import inference
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The training run's workdir.")
-flags.DEFINE_integer("step", None, "Checkpoint step to evaluate; the latest by default.")
+cli.define_generator_flags()
 flags.DEFINE_bool("all_checkpoints", False, "Evaluate every kept checkpoint and name the best by FID.")
 flags.DEFINE_string("split", None, "Split to evaluate; the config's eval_split by default.")
-flags.DEFINE_enum("mode", "eval", train.GENERATE_MODES,
-                  "eval: running batch statistics, no dropout. paper: as the paper at test time, "
-                  "each image normalised with its own statistics and dropout on.")
-flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 flags.DEFINE_string("data_dir", None, "Overrides the config's data_dir (e.g. on another machine).")
-flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):

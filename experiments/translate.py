@@ -16,21 +16,16 @@ from absl import flags, logging
 
 import experiments
 from experiments import cli
-from p2p_jax import inference, train
+from p2p_jax import inference
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The training run's workdir (its checkpoints are used).")
+cli.define_generator_flags()
 flags.DEFINE_string("input", None, "An image, or a folder of images.")
 flags.DEFINE_string("output", None, "Folder for the translated images (created if needed).")
-flags.DEFINE_integer("step", None, "Checkpoint step to use; the latest by default.")
-flags.DEFINE_enum("mode", "eval", train.GENERATE_MODES,
-                  "eval: running batch statistics, no dropout. paper: as the paper at test time, "
-                  "each image normalised with its own statistics and dropout on.")
-flags.DEFINE_integer("batch_size", 8, "Images per forward pass.")
 flags.DEFINE_integer("seed", 0, "Seed of the dropout masks in --mode=paper.")
 flags.DEFINE_enum("size", "train", inference.SIZES,
                   "train: the deterministic part of the run's training transform; native: each image's own size.")
-flags.mark_flags_as_required(["workdir", "input", "output"])
+flags.mark_flags_as_required(["input", "output"])
 
 
 def main(argv):

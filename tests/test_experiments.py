@@ -317,6 +317,14 @@ def test_an_entry_point_runs_with_the_collector_on_and_its_imports_frozen(module
   assert on == "True" and int(frozen) > 100_000, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("module", ["evaluate", "translate"])
+def test_the_generator_flags_an_entry_point_shares_are_listed_in_its_own_help(module):
+  """``cli.define_generator_flags`` defines them, but ``--helpshort`` lists an entry point's own flags only."""
+  result = subprocess.run(_command(module, "--helpshort"), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  listed = set(re.findall(r"^  --(\w+):", result.stdout, re.MULTILINE))
+  assert {"workdir", "step", "mode", "batch_size"} <= listed, result.stdout[-2000:]
+
+
 def test_importing_the_entry_points_package_leaves_the_collector_on():
   import experiments  # pylint: disable=g-import-not-at-top,unused-import
   assert gc.isenabled()
