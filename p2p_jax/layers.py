@@ -588,11 +588,11 @@ def _by_chunks(compute, chunk: int, operands, summed: int = 0):
   last = operands[-1]
   start = last[(0,) * last.ndim]
   operands = (*(_after(operand, start.astype(operand.dtype)) for operand in operands[:-1]), last)
-  parts = jax.eval_shape(compute, *(jax.ShapeDtypeStruct((chunk, *operand.shape[1:]), operand.dtype)
-                                    for operand in operands))
-  count = len(parts) - summed
-  zeros = tuple(_after(jnp.zeros((n, *part.shape[1:]) if i < count else part.shape, part.dtype),
-                       start.astype(part.dtype)) for i, part in enumerate(parts))
+  shapes = jax.eval_shape(compute, *(jax.ShapeDtypeStruct((chunk, *operand.shape[1:]), operand.dtype)
+                                     for operand in operands))
+  count = len(shapes) - summed
+  zeros = tuple(_after(jnp.zeros((n, *shape.shape[1:]) if i < count else shape.shape, shape.dtype),
+                       start.astype(shape.dtype)) for i, shape in enumerate(shapes))
 
   def add_chunk(i, results):
     begin = i * chunk
