@@ -299,6 +299,29 @@ def test_the_whole_step_keeps_the_static_table_unless_the_measured_choices_make_
   assert compiled == ["xla", "matmul"]  # Checked once per machine and choices.
 
 
+@pytest.mark.parametrize("measured_later_s, kept, calls", [(0.09, "measured", 7), (0.097, "static", 10)])
+def test_a_whole_step_check_within_the_margin_times_more_calls_before_it_decides(measured_later_s, kept, calls):
+  """Three calls at a noisy moment kept the static table for a step the measured choices ran 0.91x of."""
+  pix2pix, batch = tiny_pix2pix(), _batch()
+  down_0 = tuning.step_sites(pix2pix, batch)["conv 1x32x32x3 k4x4x3x8 s2 p1 float32"]
+  made = {"xla": 0, "matmul": 0}  # Calls of the measured choices' step and of the static table's.
+
+  def step_timer(options):
+    name = tuning.choice(down_0)
+
+    def run():
+      made[name] += 1
+      if name == "matmul":
+        return 0.1
+      return 0.097 if made[name] <= 1 + tuning._STEP_CALLS else measured_later_s  # 3% faster at first.
+    return run
+
+  timer = _timer_preferring({"conv": "xla", "upconv": "conv_transpose"})
+  chosen = tuning.tune(pix2pix, batch, min_flops=0, timer=timer, step_timer=step_timer)
+  assert chosen[down_0.key] == ("xla" if kept == "measured" else "matmul")
+  assert made == {"xla": calls, "matmul": calls}  # One untimed call each, then rounds of three.
+
+
 def test_no_whole_step_check_when_the_choices_are_the_static_table():
   def step_timer(options):
     raise AssertionError("the whole step was timed")
