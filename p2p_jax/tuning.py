@@ -69,7 +69,7 @@ _MARGIN = 0.05
 _CUTOFF = 2.0
 # Timed calls of each whole step in the check of the measured choices against the static table; up to
 # _UNDECIDED_STEP_CALLS when the measured choices come out faster, but by less than _MARGIN: three calls at
-# a noisy moment kept the static table for a step the measured choices run 0.91x of (BENCHMARKS.md).
+# a noisy moment kept the static table for a step the measured choices run 0.90-0.94x of (BENCHMARKS.md).
 _STEP_CALLS = 3
 _UNDECIDED_STEP_CALLS = 9
 # Part of each whole-step verdict's key, raised when the check changes: 2, undecided steps timed longer.
