@@ -463,8 +463,8 @@ def _check_whole_step(sites: Mapping[str, Site], chosen: Dict[str, str], variant
       run()  # The first call of each settles the heap.
     time_calls()
     ms = median_ms()
-    undecided = lambda: (1 - _MARGIN) * ms["static"] <= ms["measured"] < ms["static"]
-    while len(seconds["static"]) < _UNDECIDED_STEP_CALLS and undecided():
+    while (len(seconds["static"]) < _UNDECIDED_STEP_CALLS
+           and (1 - _MARGIN) * ms["static"] <= ms["measured"] < ms["static"]):
       time_calls()
       ms = median_ms()
     verdict = {"choice": "measured" if ms["measured"] < (1 - _MARGIN) * ms["static"] else "static", "ms": ms}
