@@ -53,10 +53,12 @@ def _normalized(x, mean, var, scale, bias, epsilon: float):
 
 
 def _after(value, dependency):
-  """``value``, computed only once ``dependency`` is: ``value + 0 * dependency``, which XLA does not
-  fold (``dependency`` could be a NaN), so it neither schedules what reads it earlier nor finds it
-  equal to the forward pass's ops."""
-  return value + 0 * dependency
+  """``value``, computed only once ``dependency`` is: ``value`` plus zero, or a NaN where ``dependency``
+  is one, which XLA cannot fold, so it neither schedules what reads it earlier nor finds it equal to the
+  forward pass's ops. (``value + 0 * dependency`` did the same until XLA:CPU's fast math, which folds
+  ``0 * v``, was on: then the recomputations ran in the forward pass and the chunks at once, holding
+  1.7 times the temporaries at 256 px batch 4, BENCHMARKS.md.)"""
+  return value + jnp.where(jnp.isnan(dependency), dependency, 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

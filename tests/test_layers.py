@@ -599,10 +599,12 @@ def test_batch_norm_keeps_only_its_input_for_the_backward_pass():
   assert kept == x.nbytes
 
 
-def test_batch_norm_layers_hold_two_tensors_each_for_the_backward_pass():
+@pytest.mark.parametrize("fast_math", [False, True])
+def test_batch_norm_layers_hold_two_tensors_each_for_the_backward_pass(fast_math):
   """Each dense-and-batch-norm layer of a chain must hold its input and batch norm's, no more,
   in the compiled gradient. XLA computed the backward pass's centred input in the forward pass,
-  where its operands are ready, and held it: three tensors a layer."""
+  where its operands are ready, and held it: three tensors a layer. Also with XLA:CPU's fast math,
+  which folds ``0 * v``."""
   n_layers = 6
   x = jax.random.normal(jax.random.key(0), (8, 64, 64, 32))
 
@@ -619,7 +621,8 @@ def test_batch_norm_layers_hold_two_tensors_each_for_the_backward_pass():
     y, _ = Chain().apply({**variables, "params": params}, x, mutable=["batch_stats"])
     return jnp.sum(jnp.square(y))
 
-  compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile()
+  compiled = jax.jit(jax.grad(loss)).lower(variables["params"]).compile(
+      compiler_options={"xla_cpu_enable_fast_math": fast_math})
   # Two at work beside what the layers hold; 19 when the centred inputs were held.
   assert compiled.memory_analysis().temp_size_in_bytes <= (2 * n_layers + 2) * x.nbytes + 2**16
 
