@@ -30,7 +30,7 @@ import pytest  # noqa: E402
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 from tensorboard.util import tensor_util  # noqa: E402
 
-from p2p_jax import checkpoint, configuration, recipe, trainer  # noqa: E402
+from p2p_jax import checkpoint, configuration, recipe  # noqa: E402
 
 STEPS_PER_EPOCH = 10  # For the schedules of tests that build a Pix2Pix without data.
 
@@ -117,6 +117,9 @@ def synthetic_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory, synthetic_dir):
   """(config, workdir) of a finished run_config run, shared by the trainer and entry point tests."""
+  # Imported here, not at the top: it imports TensorFlow, whose start-up lines would otherwise
+  # end the log of pytest-xdist's controller process, which runs no test.
+  from p2p_jax import trainer  # pylint: disable=g-import-not-at-top
   checkpoint.quiet_orbax_logs()
   config = run_config(synthetic_dir)
   workdir = tmp_path_factory.mktemp("finished")
