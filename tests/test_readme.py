@@ -131,6 +131,13 @@ def test_ci_runs_the_readme_test_command():
   assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 
+def test_the_suites_shared_set_up_imports_no_tensorflow(tmp_path):
+  """CI runs the suite under pytest-xdist, whose controller imports tests/conftest.py and runs no
+  test: TensorFlow imported there printed its start-up lines at the end of every CI log."""
+  check = "import sys, tests.conftest; print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow')[:3])"
+  assert _python(["-c", check], ROOT, tmp_path).stdout.strip() == "[]"
+
+
 def test_the_evaluate_commands_run_as_written_and_report_the_fields_metrics(finished_run, tmp_path):
   """The README's evaluate lines, on a copy of a finished run at runs/demo: FID, KID, LPIPS in the JSON."""
   shutil.copytree(finished_run[1], tmp_path / "runs" / "demo")
